@@ -1,0 +1,30 @@
+"""Shared fixtures: paths to the embedded real CT samples and small helpers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO / "data"
+LIDC_SAMPLE = DATA / "lidc_idri_sample"
+COVID_SAMPLE = DATA / "covid_ct_soares"
+
+
+def _require(path: Path) -> Path:
+    if not path.exists():
+        pytest.fail(f"{path} is missing: run `dvc pull` (the Makefile's test target does)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def lidc_sample() -> Path:
+    """The real LIDC-IDRI sample: 32 DICOM slices of LIDC-IDRI-0001 plus three reader XMLs."""
+    return _require(LIDC_SAMPLE)
+
+
+@pytest.fixture(scope="session")
+def covid_sample() -> Path:
+    """The real SARS-CoV-2 CT sample (Soares et al.): 100 COVID + 100 non-COVID PNGs."""
+    return _require(COVID_SAMPLE)
