@@ -213,7 +213,7 @@ def read_manifest(dataset_dir: str | os.PathLike[str]) -> pd.DataFrame:
     if not path.is_file():
         raise DataError(f"{path}: not found (is {dataset_dir} a ctharden dataset?)")
     try:
-        df = pd.read_csv(path, dtype={"sample_id": str, "patient_id": str, "array": str})
+        df = pd.read_csv(path, dtype={"sample_id": str, "patient_id": str, "array": str, "ratings": str})
     except pd.errors.EmptyDataError:
         raise DataError(f"{path}: empty manifest") from None
     except (pd.errors.ParserError, UnicodeDecodeError) as exc:

@@ -76,12 +76,19 @@ class Funnel:
         self.marks_lt3mm += sum(not m.is_large for m in msg.marks)
         self.non_nodule_marks += msg.n_non_nodules
 
-    def as_dict(self) -> dict[str, Any]:
-        d = {k: v for k, v in self.__dict__.items() if k != "nodules_by_n_readers"}
+    def as_dict(self, images: bool = True) -> dict[str, Any]:
+        """All counts; ``images=False`` keeps only the annotation filters (XML-only counting)."""
+        d = {k: v for k, v in self.__dict__.items() if k not in _IMAGE_FIELDS or images}
         d["nodules_by_n_readers"] = {str(k): v for k, v in sorted(self.nodules_by_n_readers.items())}
         d["labelled"] = self.malignant + self.benign
-        d["cubes"] = self.cubes_malignant + self.cubes_benign
+        if images:
+            d["cubes"] = self.cubes_malignant + self.cubes_benign
         return d
+
+
+_IMAGE_FIELDS = {
+    "xml_without_images", "labelled_without_images", "skipped_outside_slices", "cubes_malignant", "cubes_benign",
+}
 
 
 def find_xml(root: Path) -> tuple[list[Path], int]:
@@ -135,7 +142,7 @@ def count_lidc(root: str | os.PathLike[str], *, centroid_tol_mm: float = 5.0) ->
         spacing = (NOMINAL_PIXEL_SPACING_MM, NOMINAL_PIXEL_SPACING_MM)
         for nod in group_marks(msg.marks, spacing, centroid_tol_mm):
             _count_label(funnel, nod)
-    return {"root": str(root), "funnel": funnel.as_dict(), "paper_reference": PAPER_COUNTS}
+    return {"root": str(root), "funnel": funnel.as_dict(images=False), "paper_reference": PAPER_COUNTS}
 
 
 def _count_label(funnel: Funnel, nodule: Nodule) -> int | None:
