@@ -28,3 +28,24 @@ def lidc_sample() -> Path:
 def covid_sample() -> Path:
     """The real SARS-CoV-2 CT sample (Soares et al.): 100 COVID + 100 non-COVID PNGs."""
     return _require(COVID_SAMPLE)
+
+
+def stage_overrides(tmp: Path) -> list[str]:
+    """Overrides that send every stage output under ``tmp`` and point data roots at the samples."""
+    return [
+        f"paths.datasets={tmp / 'datasets'}",
+        f"paths.validation={tmp / 'validation'}",
+        f"paths.metrics={tmp / 'metrics'}",
+        f"datasets.lidc.root={LIDC_SAMPLE}",
+        f"datasets.covid.root={COVID_SAMPLE}",
+    ]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_prefect_home(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Prefect state (its SQLite DB, logs) goes to a temp dir, never the user's ~/.prefect."""
+    import os
+
+    os.environ["PREFECT_HOME"] = str(tmp_path_factory.mktemp("prefect_home"))
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"  # its heartbeat races the test DB

@@ -1,0 +1,31 @@
+# Two entry points (see README): `make run` (main job) and `make test` (test suite).
+# Both create .venv and install the pinned stack first; re-running skips what is up to date.
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+export PATH := $(abspath $(BIN)):$(PATH)
+
+.PHONY: install data run flow test bench clean
+
+$(STAMP): pyproject.toml constraints.txt
+	python3 -m venv $(VENV)
+	$(BIN)/pip install -q -c constraints.txt -e ".[dev]"
+	touch $@
+
+install: $(STAMP)
+
+# The embedded sample data is versioned by data.dvc; its objects ship in the in-repo remote dvc-store/.
+data: install
+	dvc pull -q data.dvc
+
+run: data
+	dvc repro
+
+flow: data
+	python flows/pipeline.py
+
+test: data
+	python -m pytest
+
+clean:
+	rm -rf artifacts reports $(VENV)

@@ -1,0 +1,91 @@
+"""Prefect flow: the same stages as dvc.yaml, calling the same functions in :mod:`ctharden.pipeline`.
+
+Run it without a server (Prefect starts a temporary local API):
+
+    python flows/pipeline.py                 # embedded default profile
+    python flows/pipeline.py --profile smoke
+
+I/O tasks retry on transient OS errors only; bad input (a CthardenError) fails at once, since
+retrying a corrupt file cannot help. The flow publishes a markdown artifact summarising the
+validation of every dataset and fails if any dataset is invalid, before anything downstream runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from typing import Any
+
+from prefect import flow, task
+from prefect.artifacts import create_markdown_artifact
+
+from ctharden import pipeline
+from ctharden.config import load_params
+from ctharden.errors import CthardenError, ValidationFailed
+
+
+def _transient(task_: Any, task_run: Any, state: Any) -> bool:
+    """Retry only errors that a retry can fix (I/O), never bad input."""
+    try:
+        state.result()
+    except CthardenError:
+        return False
+    except OSError:
+        return True
+    except Exception:  # noqa: BLE001 - anything else is a bug: do not retry
+        return False
+    return False
+
+
+@task(name="ingest", retries=2, retry_delay_seconds=2, retry_condition_fn=_transient, task_run_name="ingest-{name}")
+def ingest_task(params: dict[str, Any], name: str) -> dict[str, Any]:
+    """Build one configured dataset (see :func:`ctharden.pipeline.ingest`)."""
+    return pipeline.ingest(params, name)
+
+
+@task(name="validate", retries=2, retry_delay_seconds=2, retry_condition_fn=_transient,
+      task_run_name="validate-{name}")
+def validate_task(params: dict[str, Any], name: str) -> dict[str, Any]:
+    """Validate one dataset; returns its summary, with ``success`` False rather than raising."""
+    try:
+        return pipeline.validate(params, name)
+    except ValidationFailed as exc:
+        summary = pipeline.load_json(pipeline.metrics_path(params, "validate", name))
+        summary["message"] = str(exc)
+        return summary
+
+
+@flow(name="ctharden-data")
+def data_flow(
+    profile: str | None = None, params_path: str = "params.yaml", overrides: Sequence[str] = ()
+) -> dict[str, dict[str, Any]]:
+    """Ingest and validate every dataset in params.yaml; fail if any is invalid."""
+    params = load_params(params_path, profile, list(overrides))
+    names = pipeline.dataset_names(params)
+    ingested = {name: ingest_task.submit(params, name) for name in names}
+    results = {name: validate_task.submit(params, name, wait_for=[ingested[name]]) for name in names}
+    for fut in ingested.values():
+        fut.result()  # re-raises an ingest error as itself (it names the bad file)
+    summaries = {name: fut.result() for name, fut in results.items()}
+    create_markdown_artifact(
+        key="data-validation",
+        markdown="# Data validation\n\n" + pipeline.summarize_validation(summaries),
+        description=f"Great Expectations results per dataset (profile {params['profile']})",
+    )
+    failed = [name for name, s in summaries.items() if not s["success"]]
+    if failed:
+        raise ValidationFailed(f"datasets failed validation: {', '.join(failed)}; nothing downstream runs")
+    return summaries
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--profile", default=None)
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--set", action="append", default=[], dest="overrides")
+    args = parser.parse_args(argv)
+    data_flow(profile=args.profile, params_path=args.params, overrides=args.overrides)
+
+
+if __name__ == "__main__":
+    main()

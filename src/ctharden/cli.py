@@ -1,0 +1,224 @@
+"""``ctharden`` command line: a thin front door over the library (no logic lives here).
+
+Errors a user can cause (:class:`~ctharden.errors.CthardenError`) are printed as one line and
+exit with status 1; ``--help`` works on every command.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import click
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.table import Table
+
+from ctharden.config import load_params
+from ctharden.errors import CthardenError
+
+app = typer.Typer(
+    help="ctharden: version, validate, train, attack and harden CT classifiers; register only robust ones.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+ingest_app = typer.Typer(help="Build a dataset (the one ctharden format) from a source.", no_args_is_help=True)
+stage_app = typer.Typer(help="Pipeline stages configured by params.yaml (what dvc.yaml and the flows run).",
+                        no_args_is_help=True)
+app.add_typer(ingest_app, name="ingest")
+app.add_typer(stage_app, name="stage")
+
+out_console = Console()
+err_console = Console(stderr=True)
+
+
+class _State:
+    params_path: Path = Path("params.yaml")
+    profile: str | None = None
+    overrides: list[str] = []
+
+    def params(self) -> dict[str, Any]:
+        return load_params(self.params_path, self.profile, self.overrides)
+
+
+state = _State()
+
+
+@app.callback()
+def _root(
+    params: Annotated[Path, typer.Option("--params", help="Parameters file.")] = Path("params.yaml"),
+    profile: Annotated[
+        str | None, typer.Option("--profile", help="Profile from params.yaml (default, paper, smoke, ...).")
+    ] = None,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="Override a parameter: key.path=value (repeatable).")
+    ] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log progress details.")] = False,
+) -> None:
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(message)s",
+        handlers=[RichHandler(console=err_console, show_path=False, show_time=False)],
+        force=True,
+    )
+    state.params_path, state.profile, state.overrides = params, profile, list(set_ or [])
+
+
+def _print_report(report: dict[str, Any], title: str) -> None:
+    funnel = report.get("funnel")
+    if funnel:
+        table = Table(title=title)
+        table.add_column("filter")
+        table.add_column("count", justify="right")
+        for key, value in funnel.items():
+            table.add_row(key, json.dumps(value) if isinstance(value, dict) else str(value))
+        out_console.print(table)
+        ref = report.get("paper_reference")
+        if ref:
+            out_console.print(
+                f"paper (full LIDC-IDRI, shen 2020): {ref['nodules']} nodules, "
+                f"{ref['malignant']} malignant, {ref['benign']} benign; counted here: "
+                f"{funnel['malignant'] + funnel['benign']} nodules, {funnel['malignant']} malignant, "
+                f"{funnel['benign']} benign"
+            )
+    rest = {k: v for k, v in report.items() if k not in ("funnel", "paper_reference")}
+    out_console.print_json(json.dumps(rest, default=str))
+
+
+@ingest_app.command("lidc")
+def ingest_lidc_cmd(
+    root: Annotated[Path, typer.Option(help="LIDC-IDRI tree (TCIA layout or any tree of DICOM + XML).")],
+    out: Annotated[Path | None, typer.Option(help="Dataset directory to write.")] = None,
+    count_only: Annotated[bool, typer.Option(help="Only count nodules per filter from the XML.")] = False,
+    cube_size: Annotated[int, typer.Option(help="Cube side in voxels.")] = 32,
+    centroid_tol_mm: Annotated[float, typer.Option(help="Grouping: max centroid distance (mm).")] = 5.0,
+    strict: Annotated[bool, typer.Option(help="An XML whose DICOM series is absent is an error.")] = False,
+    seed: Annotated[int, typer.Option(help="Split seed.")] = 0,
+    test_fraction: Annotated[float, typer.Option(help="Held-out test share.")] = 0.2,
+    n_folds: Annotated[int, typer.Option(help="Cross-validation folds over the rest.")] = 5,
+) -> None:
+    """LIDC-IDRI (DICOM + reader XML) -> 32³ 1 mm nodule cubes in HU, labelled by mean malignancy."""
+    from ctharden.data.lidc import count_lidc, ingest_lidc
+
+    if count_only:
+        _print_report(count_lidc(root, centroid_tol_mm=centroid_tol_mm), "LIDC-IDRI nodules per filter (XML)")
+        return
+    if out is None:
+        raise typer.BadParameter("--out is required unless --count-only", param_hint="--out")
+    report = ingest_lidc(
+        root, out, cube_size=cube_size, centroid_tol_mm=centroid_tol_mm,
+        strict=strict, seed=seed, test_fraction=test_fraction, n_folds=n_folds,
+    )
+    _print_report(report, "LIDC-IDRI nodules per filter")
+
+
+@ingest_app.command("covid")
+def ingest_covid_cmd(
+    root: Annotated[Path, typer.Option(help="COVID/ + non-COVID/ (Soares) or CT_COVID/ + CT_NonCOVID/ (UCSD).")],
+    out: Annotated[Path, typer.Option(help="Dataset directory to write.")],
+    size: Annotated[int, typer.Option(help="Output size in pixels (square).")] = 224,
+    block_size: Annotated[int, typer.Option(help="Soares: neighbouring file numbers per pseudo-patient.")] = 25,
+    skip_bad: Annotated[bool, typer.Option(help="Skip undecodable images (counted) instead of failing.")] = False,
+    seed: Annotated[int, typer.Option(help="Split seed.")] = 0,
+    test_fraction: Annotated[float, typer.Option(help="Held-out test share.")] = 0.2,
+    n_folds: Annotated[int, typer.Option(help="Cross-validation folds over the rest.")] = 5,
+) -> None:
+    """COVID-CT slices -> single-channel [0,1] images with patient-safe splits."""
+    from ctharden.data.covid import ingest_covid
+
+    report = ingest_covid(
+        root, out, size=size, block_size=block_size, skip_bad=skip_bad,
+        seed=seed, test_fraction=test_fraction, n_folds=n_folds,
+    )
+    _print_report(report, "COVID-CT")
+
+
+@ingest_app.command("synthetic")
+def ingest_synthetic_cmd(
+    task: Annotated[str, typer.Option(help="nodule3d (HU cubes) or covid2d ([0,1] slices).")],
+    out: Annotated[Path, typer.Option(help="Dataset directory to write.")],
+    n: Annotated[int, typer.Option(help="Number of phantoms.")] = 200,
+    seed: Annotated[int, typer.Option(help="Generator and split seed.")] = 0,
+    size: Annotated[int, typer.Option(help="covid2d image size (pixels).")] = 224,
+    malignant_fraction: Annotated[float, typer.Option(help="Share of positive samples.")] = 0.35,
+    test_fraction: Annotated[float, typer.Option(help="Held-out test share.")] = 0.2,
+    n_folds: Annotated[int, typer.Option(help="Cross-validation folds over the rest.")] = 5,
+) -> None:
+    """Synthetic CT-like phantoms (labelled source=synthetic) for running without LIDC."""
+    from ctharden.data.synthetic import generate_synthetic
+
+    report = generate_synthetic(
+        task, out, n=n, seed=seed, size=size, malignant_fraction=malignant_fraction,
+        test_fraction=test_fraction, n_folds=n_folds,
+    )
+    _print_report(report, "synthetic")
+
+
+@app.command("validate")
+def validate_cmd(
+    dataset: Annotated[Path, typer.Argument(help="Dataset directory.")],
+    report: Annotated[
+        Path | None, typer.Option(help="Where Data Docs and validation.json go (default: DATASET-validation).")
+    ] = None,
+) -> None:
+    """Run the Great Expectations checkpoint on a dataset; exit non-zero naming failed expectations and samples."""
+    from ctharden.data.validation import ensure_valid, format_failures, validate_dataset
+
+    result = validate_dataset(dataset, report or dataset.with_name(dataset.name + "-validation"))
+    if result.success:
+        out_console.print(f"[green]valid[/]: {result.n_samples} samples, content hash {result.content_hash[:12]}")
+        if result.data_docs_index:
+            out_console.print(f"Data Docs: {result.data_docs_index}")
+        return
+    err_console.print(format_failures(result))
+    ensure_valid(result)
+
+
+@stage_app.command("ingest")
+def stage_ingest(name: Annotated[str, typer.Argument(help="Dataset name from params.yaml `datasets:`.")]) -> None:
+    """Ingest one configured dataset (a dvc.yaml stage)."""
+    from ctharden import pipeline
+
+    _print_report(pipeline.ingest(state.params(), name), f"ingest {name}")
+
+
+@stage_app.command("validate")
+def stage_validate(name: Annotated[str, typer.Argument(help="Dataset name from params.yaml `datasets:`.")]) -> None:
+    """Validate one configured dataset with its GX checkpoint (a dvc.yaml stage)."""
+    from ctharden import pipeline
+
+    summary = pipeline.validate(state.params(), name)
+    out_console.print(pipeline.summarize_validation({name: summary}))
+
+
+@stage_app.command("data-version")
+def stage_data_version() -> None:
+    """Print the data version: the DVC hash of data/ and each dataset's content hash."""
+    from ctharden import pipeline
+
+    out_console.print_json(json.dumps(pipeline.data_version(state.params())))
+
+
+def main() -> None:
+    """Entry point: run the CLI, turning user errors into one line and a non-zero exit."""
+    try:
+        app(standalone_mode=False)
+    except CthardenError as exc:
+        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(1)
+    except click.exceptions.Abort:
+        err_console.print("aborted")
+        sys.exit(130)
+    except click.exceptions.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+
+
+if __name__ == "__main__":
+    main()
