@@ -448,3 +448,15 @@ def test_gx_is_imported_lazily() -> None:
     code = "import sys, ctharden.data.validation; print('great_expectations' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_relative_report_dir_works(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """dvc.yaml passes relative paths; GX's Data Docs store needs absolute ones."""
+    ds = tmp_path / "ds"
+    with DatasetWriter(ds, "covid2d", shape=(8, 8), seed=0) as w:
+        for i in range(4):
+            w.add({"sample_id": f"s{i}", "label": i % 2, "patient_id": f"p{i}", "source": "synthetic"},
+                  np.full((8, 8), 0.5, np.float32))
+    monkeypatch.chdir(tmp_path)
+    report = validate_dataset(Path("ds"), Path("reports/v"))
+    assert report.success and (tmp_path / "reports/v/data_docs").is_dir()

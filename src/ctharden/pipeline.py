@@ -42,6 +42,7 @@ def _spec(params: dict[str, Any], name: str) -> dict[str, Any]:
 
 
 def metrics_path(params: dict[str, Any], stage: str, name: str) -> Path:
+    """``paths.metrics/<stage>/<name>.json``: a stage's metrics (DVC metrics, committed to git)."""
     return Path(section(params, "paths.metrics")) / stage / f"{name}.json"
 
 
@@ -93,7 +94,7 @@ def validate(params: dict[str, Any], name: str) -> dict[str, Any]:
             {"expectation": f.expectation, "column": f.column, "samples": f.failing_sample_ids[:20]}
             for f in report.failures
         ],
-        "data_docs": str(report.data_docs_index) if report.data_docs_index else None,
+        "data_docs": _relative(report.data_docs_index) if report.data_docs_index else None,
     }
     atomic_write_json(metrics_path(params, "validate", name), summary)
     ensure_valid(report)
@@ -131,6 +132,15 @@ def summarize_validation(results: dict[str, dict[str, Any]]) -> str:
         )
         lines.append(f"| {name} | {r['n_samples']} | {'passed' if r['success'] else 'FAILED'} | {failed or '-'} |")
     return "\n".join(lines)
+
+
+def _relative(path: str | Path) -> str:
+    """``path`` relative to the working directory when inside it (committed metrics stay portable)."""
+    p = Path(path).resolve()
+    try:
+        return str(p.relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(p)
 
 
 def load_json(path: str | Path) -> dict[str, Any]:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import logging
 import math
 import os
 import threading
@@ -272,6 +273,7 @@ def _import_gx() -> Any:
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
     import great_expectations as gx
 
+    logging.getLogger("great_expectations").setLevel(logging.WARNING)  # its INFO lines are noise here
     return gx
 
 
@@ -521,7 +523,7 @@ def validate_dataset(dataset_dir: Path, report_dir: Path) -> ValidationReport:
     columns, unknown task.
     """
     dataset_dir = Path(dataset_dir)
-    report_dir = Path(report_dir)
+    report_dir = Path(report_dir).resolve()  # GX data docs need an absolute path
     report_dir.mkdir(parents=True, exist_ok=True)
     try:
         info = read_info(dataset_dir)
