@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 from PIL import Image, ImageFile
+from tqdm import tqdm
 
 from ctharden.data.dataset import DatasetWriter, read_info, read_manifest
 from ctharden.errors import ConfigError, DataError
@@ -379,7 +380,7 @@ def ingest_covid(
         out, "covid2d", shape=(size, size), provenance=provenance,
         test_fraction=test_fraction, n_folds=n_folds, seed=seed,
     ) as writer:
-        for entry in entries:
+        for entry in tqdm(entries, desc="COVID-CT images", unit="img", disable=None):
             result = _process(entry, size)
             if isinstance(result, DataError):
                 if not skip_bad:

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
 from ctharden.data.dataset import DatasetWriter, read_info
 from ctharden.data.dicom_series import Volume, extract_cube, find_series, load_volume
@@ -193,7 +194,7 @@ def ingest_lidc(
         out, "nodule3d", shape=(cube_size,) * 3, provenance=provenance,
         test_fraction=test_fraction, n_folds=n_folds, seed=seed,
     ) as writer:
-        for path in xmls:
+        for path in tqdm(xmls, desc="LIDC series", unit="xml", disable=None):
             msg = parse_read_message(path)
             funnel.add_message(msg)
             files = series.get(msg.series_uid)
