@@ -1,9 +1,12 @@
-"""Prefect flow: the same stages as dvc.yaml, calling the same functions in :mod:`ctharden.pipeline`.
+"""Prefect flows: the same stages as dvc.yaml, calling the same library functions.
 
-Run it without a server (Prefect starts a temporary local API):
+- ``data_flow``: ingest and validate every dataset (:mod:`ctharden.pipeline`);
+- ``pipeline_flow``: ``data_flow``, then every training job (:mod:`ctharden.train.job`).
 
-    python flows/pipeline.py                 # embedded default profile
-    python flows/pipeline.py --profile smoke
+Run without a server (Prefect starts a temporary local API):
+
+    python flows/pipeline.py                       # the whole pipeline, embedded default profile
+    python flows/pipeline.py --profile smoke --only data
 
 I/O tasks retry on transient OS errors only; bad input (a CthardenError) fails at once, since
 retrying a corrupt file cannot help. The flow publishes a markdown artifact summarising the
@@ -78,13 +81,43 @@ def data_flow(
     return summaries
 
 
+@task(name="train", task_run_name="train-{job}")
+def train_task(params: dict[str, Any], job: str) -> dict[str, Any]:
+    """Run one training job (see :func:`ctharden.train.job.run_training_job`); its MLflow run is its own."""
+    from ctharden.train.job import run_training_job
+
+    return run_training_job(params, job, progress=False)
+
+
+@flow(name="ctharden-pipeline")
+def pipeline_flow(
+    profile: str | None = None, params_path: str = "params.yaml", overrides: Sequence[str] = ()
+) -> dict[str, Any]:
+    """Ingest + validate every dataset, then train every configured job (sequentially: CPU-bound)."""
+    from ctharden.train.job import job_names
+
+    data = data_flow(profile=profile, params_path=params_path, overrides=overrides)
+    params = load_params(params_path, profile, list(overrides))
+    trained = {job: train_task(params, job) for job in job_names(params)}
+    rows = ["| job | dataset | test AUC (mean ± std) | accuracy | MLflow run |", "|---|---|---|---|---|"]
+    for job, s in trained.items():
+        auc, acc = s["test_mean_std"]["auc"], s["test_mean_std"]["accuracy"]
+        auc_txt = f"{auc['mean']:.3f} ± {auc['std']:.3f}" if auc["mean"] is not None else "n/a"
+        rows.append(f"| {job} | {s['dataset']} | {auc_txt} | {acc['mean']:.3f} | {s['mlflow']['run_id']} |")
+    create_markdown_artifact(key="training", markdown="# Training\n\n" + "\n".join(rows),
+                             description="clean test metrics over folds per training job")
+    return {"data": data, "train": trained}
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--profile", default=None)
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--set", action="append", default=[], dest="overrides")
+    parser.add_argument("--only", choices=["data", "all"], default="all")
     args = parser.parse_args(argv)
-    data_flow(profile=args.profile, params_path=args.params, overrides=args.overrides)
+    run = data_flow if args.only == "data" else pipeline_flow
+    run(profile=args.profile, params_path=args.params, overrides=args.overrides)
 
 
 if __name__ == "__main__":

@@ -36,6 +36,11 @@ def stage_overrides(tmp: Path) -> list[str]:
         f"paths.datasets={tmp / 'datasets'}",
         f"paths.validation={tmp / 'validation'}",
         f"paths.metrics={tmp / 'metrics'}",
+        f"paths.artifacts={tmp / 'artifacts'}",
+        f"paths.reports={tmp / 'reports'}",
+        f"paths.plots={tmp / 'plots'}",
+        f"mlflow.db={tmp / 'mlflow.db'}",
+        f"mlflow.artifacts={tmp / 'mlruns'}",
         f"datasets.lidc.root={LIDC_SAMPLE}",
         f"datasets.covid.root={COVID_SAMPLE}",
     ]

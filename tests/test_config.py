@@ -25,7 +25,9 @@ def test_paper_profile_has_the_papers_settings(monkeypatch: pytest.MonkeyPatch) 
     p = load_params(PARAMS, profile="paper")
     assert p["profile"] == "paper"
     assert p["split"]["n_folds"] == 10 and p["split"]["test_fraction"] == 0.2
-    assert p["train"] == {"epochs": 500, "batch_size": 64, "lr": 1e-5}
+    d = p["train"]["defaults"]
+    assert (d["epochs"], d["batch_size"], d["lr"], d["folds"]) == (500, 64, 1e-5, "all")
+    assert p["train"]["jobs"]["nodule3d"]["arch_kwargs"]["width"] == 64 and d["loss"] == "mse"
     assert p["robustness"]["n_random"] == 50
     assert p["datasets"]["lidc"]["cube_size"] == 32, "untouched keys survive the deep merge"
 

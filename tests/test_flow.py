@@ -13,7 +13,7 @@ from conftest import COVID_SAMPLE, REPO, stage_overrides
 import sys
 
 sys.path.insert(0, str(REPO / "flows"))
-from pipeline import data_flow, ingest_task  # noqa: E402
+from pipeline import data_flow, ingest_task, pipeline_flow  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -28,8 +28,13 @@ def harness() -> Iterator[None]:
 def test_flow_ingests_validates_and_publishes_artifact(harness: None, tmp_path: Path) -> None:
     from prefect.client.orchestration import get_client
 
-    summaries = data_flow(profile="smoke", params_path=str(REPO / "params.yaml"), overrides=stage_overrides(tmp_path))
+    result = pipeline_flow(profile="smoke", params_path=str(REPO / "params.yaml"), overrides=stage_overrides(tmp_path))
+    summaries = result["data"]
     assert set(summaries) == {"lidc", "covid", "synthetic_nodule3d"}
+    assert set(result["train"]) == {"nodule3d", "covid2d"}
+    for job, summary in result["train"].items():
+        assert Path(summary["model_file"]).is_file() and summary["mlflow"]["run_id"]
+        assert summary["dataset_hash"] == summaries[summary["dataset"]]["content_hash"]
     assert all(s["success"] for s in summaries.values())
     for name in summaries:
         metrics = json.loads((tmp_path / "metrics" / "ingest" / f"{name}.json").read_text())

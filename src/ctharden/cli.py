@@ -178,6 +178,59 @@ def validate_cmd(
     ensure_valid(result)
 
 
+@app.command("train")
+def train_cmd(
+    jobs: Annotated[list[str] | None, typer.Argument(help="Training jobs from params.yaml `train.jobs` (default: all).")] = None,
+) -> None:
+    """Train configured jobs: k-fold CV, model selection on validation, test metrics, MLflow runs."""
+    from ctharden.train.job import job_names, run_training_job
+
+    params = state.params()
+    for job in jobs or job_names(params):
+        _print_training(run_training_job(params, job))
+
+
+def _print_training(summary: dict[str, Any]) -> None:
+    agg = summary["test_mean_std"]
+    parts = [f"{k} {v['mean']:.3f} ± {v['std']:.3f}" for k, v in agg.items() if v.get("mean") is not None]
+    out_console.print(f"[bold]{summary['job']}[/] on {summary['dataset']} ({summary['runtime']}, "
+                      f"{summary['seconds']} s): test {', '.join(parts)} over {len(summary['folds'])} fold(s)")
+    out_console.print(f"model: {summary['model_file']}  MLflow run: {summary['mlflow']['run_id']}")
+
+
+@app.command("evaluate")
+def evaluate_cmd(
+    model: Annotated[str, typer.Option(help="Model file, MLflow run id, runs:/ID or models:/NAME/VERSION|@ALIAS.")],
+    data: Annotated[Path, typer.Option(help="Dataset directory (any source).")],
+    split: Annotated[str, typer.Option(help="all | train | test")] = "all",
+    validation: Annotated[
+        Path | None, typer.Option(help="The dataset's validation dir; default: validate now.")
+    ] = None,
+    out: Annotated[Path | None, typer.Option(help="Write the metrics JSON here.")] = None,
+    plots: Annotated[Path | None, typer.Option(help="Write ROC/confusion plots here.")] = None,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+) -> None:
+    """Clean metrics (AUC, accuracy, sensitivity, specificity) of a trained model on any dataset."""
+    from ctharden.evaluate.external import evaluate_model
+    from ctharden.io import atomic_write_json
+    from ctharden.tracking import configure, tracking_from_params
+
+    if not Path(model).is_file():
+        configure(tracking_from_params(state.params()))
+    result = evaluate_model(model, data, split=split, validation_dir=validation, device=device, plots_dir=plots)
+    if out is not None:
+        atomic_write_json(out, result)
+    out_console.print_json(json.dumps(result, default=str))
+
+
+@stage_app.command("train")
+def stage_train(job: Annotated[str, typer.Argument(help="Training job from params.yaml `train.jobs`.")]) -> None:
+    """Train one configured job (a dvc.yaml stage)."""
+    from ctharden.train.job import run_training_job
+
+    _print_training(run_training_job(state.params(), job))
+
+
 @stage_app.command("ingest")
 def stage_ingest(name: Annotated[str, typer.Argument(help="Dataset name from params.yaml `datasets:`.")]) -> None:
     """Ingest one configured dataset (a dvc.yaml stage)."""

@@ -1,0 +1,1 @@
+"""Training: baseline supervised training with k-fold CV (this issue), later adaptive/IMA/adversarial."""

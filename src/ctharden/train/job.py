@@ -1,0 +1,242 @@
+"""A training job: k-fold cross-validation of one architecture on one validated dataset, tracked in MLflow.
+
+Protocol (shen 2020, section 2.6): the dataset's held-out test split is never touched during
+training; for each fold k the model trains on the other training folds and is selected on fold k
+(best validation AUC by default); each fold's selected model is then evaluated on the test split
+and the test metrics are reported as mean ± std over folds (Table 1). The job's final model (what
+evaluation, hardening and the registry use) is the fold model with the best validation score.
+
+MLflow: one parent run per job (all resolved params, dataset version, system metrics, the final
+model in pt2 format with signature and input example, its state_dict model file, plots) and one
+nested run per fold (per-epoch metrics, the fold's model file). Outputs on disk:
+``artifacts/models/<job>/`` (model files), ``artifacts/checkpoints/<job>/`` (resumable state),
+``reports/train/<job>/`` (PNG plots, Table-1-style markdown), ``plots/train/<job>/`` (ROC and
+predictions CSV for ``dvc plots``), ``metrics/train/<job>.json``.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ctharden import pipeline
+from ctharden.checkpoint import save_model
+from ctharden.config import deep_merge, section
+from ctharden.data.dataset import read_info
+from ctharden.data.validation import require_validated
+from ctharden.device import select_runtime, set_threads
+from ctharden.errors import ConfigError
+from ctharden.evaluate.clean import aggregate_folds, binary_metrics, format_table, labels_from_scores
+from ctharden.evaluate.plots import plot_confusion, plot_roc, write_dvc_plots
+from ctharden.evaluate.predict import predict_scores
+from ctharden.io import atomic_write_json, atomic_write_text
+from ctharden.tracking import MODEL_FILE_ARTIFACT, configure, flatten, tracking_from_params
+from ctharden.train.data import ArraySet, init_seed, load_arrayset
+from ctharden.train.loop import TrainConfig, train_fold
+
+log = logging.getLogger(__name__)
+DEFAULT_WINDOW = {"nodule3d": (-1000.0, 400.0), "covid2d": None}
+_LOOP_KEYS = set(TrainConfig.__dataclass_fields__) - {"seed"}
+
+
+def job_names(params: dict[str, Any]) -> list[str]:
+    """Training jobs configured under ``train.jobs``."""
+    return list(section(params, "train.jobs"))
+
+
+def job_config(params: dict[str, Any], job: str) -> dict[str, Any]:
+    """``train.defaults`` deep-merged with ``train.jobs.<job>``."""
+    jobs = section(params, "train.jobs")
+    if job not in jobs:
+        raise ConfigError(f"unknown training job {job!r} (configured: {', '.join(jobs)})")
+    return deep_merge(section(params, "train.defaults"), jobs[job])
+
+
+def job_dirs(params: dict[str, Any], job: str) -> dict[str, Path]:
+    """Where a job writes: model files, checkpoints, reports and its metrics file."""
+    art = Path(section(params, "paths.artifacts"))
+    return {
+        "models": art / "models" / job,
+        "checkpoints": art / "checkpoints" / job,
+        "reports": Path(section(params, "paths.reports")) / "train" / job,
+        "plots": Path(section(params, "paths.plots")) / "train" / job,
+        "metrics": pipeline.metrics_path(params, "train", job),
+    }
+
+
+def build_job_model(cfg: dict[str, Any], task: str, seed: int) -> torch.nn.Module:
+    """The job's architecture for ``task``, initialised from ``seed``."""
+    from ctharden.models import build_model
+
+    torch.manual_seed(seed)
+    window = cfg.get("window_hu", DEFAULT_WINDOW[task])
+    return build_model(
+        cfg["arch"], spatial_dims=3 if task == "nodule3d" else 2,
+        window_hu=tuple(window) if window is not None else None, **(cfg.get("arch_kwargs") or {}),
+    )
+
+
+def _loop_config(cfg: dict[str, Any], seed: int) -> TrainConfig:
+    unknown = set(cfg) - _LOOP_KEYS - {"dataset", "arch", "arch_kwargs", "window_hu", "folds", "device",
+                                       "precision", "threads", "log_system_metrics"}
+    if unknown:
+        raise ConfigError(f"train: unknown keys {sorted(unknown)}")
+    kwargs: dict[str, Any] = {}
+    for name in _LOOP_KEYS & set(cfg):
+        kind = TrainConfig.__dataclass_fields__[name].type  # "int", "float", "str", "bool"
+        value = cfg[name]
+        try:
+            kwargs[name] = {"int": int, "float": float, "str": str}[kind](value) if kind != "bool" else _as_bool(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"train.{name} must be {kind}, got {value!r}") from None
+    return TrainConfig(seed=seed, **kwargs)
+
+
+def _as_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    raise ValueError(value)
+
+
+def _evaluate(model: torch.nn.Module, data: ArraySet, runtime: Any) -> tuple[dict[str, Any], np.ndarray]:
+    _, scores = predict_scores(model, data.x, runtime)
+    return binary_metrics(data.y.numpy(), scores), scores
+
+
+def run_training_job(params: dict[str, Any], job: str, *, progress: bool = True) -> dict[str, Any]:
+    """Run training job ``job`` end to end; returns (and writes) its metrics summary."""
+    import mlflow
+
+    cfg = job_config(params, job)
+    seed = int(section(params, "seed"))
+    ds_name = cfg.get("dataset")
+    ds_dir = pipeline.dataset_dir(params, ds_name)
+    validation = require_validated(ds_dir, pipeline.validation_dir(params, ds_name))
+    info = read_info(ds_dir)
+    task = info["task"]
+    loop_cfg = _loop_config(cfg, seed)
+    runtime = select_runtime(str(cfg.get("device", "auto")), str(cfg.get("precision", "auto")))
+    threads = set_threads(cfg.get("threads", "auto"))
+    dirs = job_dirs(params, job)
+    labels = [info["label_names"][k] for k in sorted(info["label_names"], key=int)]
+
+    probe = build_job_model(cfg, task, seed)
+    data = load_arrayset(ds_dir, probe)
+    split = data.manifest["split"].to_numpy()
+    fold_col = data.manifest["fold"].to_numpy()
+    test = data.subset(split == "test")
+    n_folds = int(info["split"]["n_folds"])
+    want = cfg.get("folds", "all")
+    folds = list(range(n_folds if want == "all" else min(int(want), n_folds)))
+    data_version = pipeline.data_version(params)
+
+    tracking = tracking_from_params(params)
+    exp_id = configure(tracking)
+    t0 = time.perf_counter()
+    per_fold: list[dict[str, Any]] = []
+    fold_scores: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    with mlflow.start_run(run_name=f"train-{job}", log_system_metrics=bool(cfg.get("log_system_metrics", True))) as parent:
+        mlflow.log_params(flatten({"job": job, **cfg, "seed": seed, "profile": params.get("profile")}))
+        mlflow.log_dict(params, "params_resolved.json")
+        mlflow.set_tags({
+            "ctharden.job": job, "ctharden.task": task, "ctharden.dataset": ds_name,
+            "ctharden.dataset_hash": info["content_hash"], "ctharden.data_dvc_md5": str(data_version["data_dvc_md5"]),
+            "ctharden.runtime": runtime.name, "ctharden.threads": str(threads),
+            "ctharden.validated": str(validation.get("success")),
+        })
+        mlflow.log_dict(info, "dataset.json")
+        for k in folds:
+            if n_folds == 1:
+                tr, va = data.subset(split == "train"), None
+            else:
+                tr = data.subset((split == "train") & (fold_col != k))
+                va = data.subset((split == "train") & (fold_col == k))
+            model = build_job_model(cfg, task, init_seed(seed, k))
+            with mlflow.start_run(run_name=f"{job}-fold{k}", nested=True) as fold_run:
+                mlflow.log_params({"fold": k, "n_train": len(tr), "n_val": len(va) if va else 0, "n_test": len(test)})
+                result = train_fold(
+                    model, tr, va, loop_cfg, runtime, dirs["checkpoints"] / f"fold{k}" / "last.pt",
+                    fold=k, data_hash=info["content_hash"], progress=progress,
+                    on_epoch=lambda e, m: mlflow.log_metrics({n: v for n, v in m.items() if np.isfinite(v)}, step=e),
+                )
+                model.load_state_dict(result.best_state)
+                val_m = _evaluate(model, va, runtime)[0] if va else None
+                test_m, test_scores = _evaluate(model, test, runtime)
+                fold_scores[f"fold {k}"] = (test.y.numpy(), test_scores)
+                model_path = save_model(dirs["models"] / f"fold{k}" / "model.pt", model,
+                                        meta={"job": job, "fold": k, "dataset_hash": info["content_hash"],
+                                              "best_epoch": result.best_epoch, "mlflow_run_id": fold_run.info.run_id})
+                mlflow.log_artifact(str(model_path), MODEL_FILE_ARTIFACT)
+                final = {f"test_{n}": v for n, v in test_m.items() if isinstance(v, (int, float))}
+                if val_m:
+                    final.update({f"val_{n}": v for n, v in val_m.items() if isinstance(v, (int, float))})
+                mlflow.log_metrics({**final, "best_epoch": result.best_epoch})
+                per_fold.append({"fold": k, "best_epoch": result.best_epoch, "resumed_from_epoch": result.resumed_from_epoch,
+                                 "val": val_m, "test": test_m, "mlflow_run_id": fold_run.info.run_id,
+                                 "history": result.history})
+
+        selected = _select_fold(per_fold, loop_cfg.select_on)
+        final_path = dirs["models"] / "model.pt"
+        shutil.copyfile(dirs["models"] / f"fold{selected['fold']}" / "model.pt", final_path)
+        from ctharden.checkpoint import load_model
+
+        final_model, _ = load_model(final_path)
+        agg = aggregate_folds([f["test"] for f in per_fold])
+        table = format_table([{"fold": f["fold"], **f["test"]} for f in per_fold], agg)
+        final_test, final_scores = _evaluate(final_model, test, runtime)
+        reports = dirs["reports"]
+        plot_roc(fold_scores, reports / "roc_folds.png", title=f"{job}: test ROC per fold")
+        plot_confusion(test.y.numpy(), labels_from_scores(final_scores), reports / "confusion.png", labels=labels,
+                       title=f"{job}: selected model (fold {selected['fold']}) on test")
+        write_dvc_plots(dirs["plots"], test.y.numpy(), final_scores, sample_ids=test.sample_ids)
+        atomic_write_text(reports / "table.md", table + "\n")
+        for png in ("roc_folds.png", "confusion.png", "table.md"):
+            mlflow.log_artifact(str(reports / png), "plots")
+        mlflow.log_artifact(str(final_path), MODEL_FILE_ARTIFACT)
+        _log_pytorch_model(final_model, test.x[:2])
+        mlflow.log_metrics({f"test_{m}_{s}": v for m, d in agg.items() for s, v in d.items()
+                            if s in ("mean", "std") and v is not None})
+        mlflow.log_metrics({f"final_test_{n}": v for n, v in final_test.items() if isinstance(v, (int, float))})
+        summary = {
+            "job": job, "dataset": ds_name, "task": task, "dataset_hash": info["content_hash"],
+            "data_version": data_version, "arch": cfg["arch"], "model": final_model.config(),
+            "runtime": runtime.name, "threads": threads, "profile": params.get("profile"),
+            "n_train_val": int((split == "train").sum()), "n_test": len(test),
+            "folds": [{k: v for k, v in f.items() if k != "history"} for f in per_fold],
+            "test_mean_std": agg, "selected_fold": selected["fold"], "final_test": final_test,
+            "model_file": str(final_path), "seconds": round(time.perf_counter() - t0, 1),
+            "mlflow": {"experiment_id": exp_id, "run_id": parent.info.run_id, "tracking_uri": tracking.uri},
+        }
+        mlflow.log_dict(summary, "summary.json")
+    atomic_write_json(dirs["metrics"], summary)
+    return summary
+
+
+def _select_fold(per_fold: list[dict[str, Any]], select_on: str) -> dict[str, Any]:
+    """The fold whose model scored best on its own validation fold (first fold if none has one)."""
+    def key(f: dict[str, Any]) -> float:
+        v = f.get("val") or {}
+        if select_on == "val_loss" or v.get("auc") is None:
+            return v.get("accuracy", -1.0) or -1.0
+        return v["auc"]
+
+    return max(per_fold, key=key)
+
+
+def _log_pytorch_model(model: torch.nn.Module, example: torch.Tensor) -> None:
+    """Log the model to MLflow (pt2 format, signature from a batch-of-2 input example)."""
+    import mlflow
+    from mlflow.models import infer_signature
+
+    model = model.cpu().eval()
+    x = example.cpu().float()
+    with torch.no_grad():
+        y = model(x)
+    mlflow.pytorch.log_model(model, name="model", input_example=x.numpy(),
+                             signature=infer_signature(x.numpy(), y.numpy()))
