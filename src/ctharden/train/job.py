@@ -9,7 +9,8 @@ evaluation, hardening and the registry use) is the fold model with the best vali
 MLflow: one parent run per job (all resolved params, dataset version, system metrics, the final
 model in pt2 format with signature and input example, its state_dict model file, plots) and one
 nested run per fold (per-epoch metrics, the fold's model file). Outputs on disk:
-``artifacts/models/<job>/`` (model files), ``artifacts/checkpoints/<job>/`` (resumable state),
+``artifacts/models/<job>/`` (model files), ``artifacts/checkpoints/<job>/`` (resumable state, git-ignored and not a DVC
+output so that DVC never deletes it before a re-run),
 ``reports/train/<job>/`` (PNG plots, Table-1-style markdown), ``plots/train/<job>/`` (ROC and
 predictions CSV for ``dvc plots``), ``metrics/train/<job>.json``.
 """
