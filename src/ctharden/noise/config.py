@@ -1,0 +1,103 @@
+"""Noise-model settings: defaults as a frozen dataclass, read from ``params.yaml``'s ``robustness.noise``.
+
+The block this reads (every key optional; the values shown are the defaults)::
+
+    robustness:
+      noise:
+        model: parametric          # parametric | table
+        ref_mas: null              # reference mAs; null: 250 (parametric) / the table's '# ref_mas:'
+        ref_kvp: 120               # informational
+        sigma_ref_hu: 12.0         # parametric: noise σ at ref_mas (HU), all frequencies
+        peak_freq_per_mm: 0.30     # parametric: NPS peak (mm⁻¹)
+        ramp_exponent: 1.0         # parametric: α in A·f^α·exp(-(f/f_c)^β)
+        rolloff_exponent: 3.0      # parametric: β
+        table: null                # table: CSV freq_per_mm,nps_hu2_mm2 
+        projection_pool: all       # eq. 5 average over: all | sample | slice
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ctharden.errors import ConfigError
+from ctharden.noise.nps import NPSModel, ParametricNPS, load_nps_table
+
+MODELS = ("parametric", "table")
+POOLS = ("all", "sample", "slice")
+
+
+@dataclass(frozen=True)
+class NoiseConfig:
+    """Which NPS model to use and its parameters (units in the field comments)."""
+
+    model: str = "parametric"  # parametric | table
+    ref_mas: float | None = None  # reference protocol mAs; None: 250 (parametric) / the table's header
+    ref_kvp: float = 120.0  # kVp of the reference protocol (informational)
+    sigma_ref_hu: float = 12.0  # HU, noise σ at ref_mas (parametric)
+    peak_freq_per_mm: float = 0.30  # mm⁻¹, NPS peak (parametric)
+    ramp_exponent: float = 1.0  # α, dimensionless (parametric)
+    rolloff_exponent: float = 3.0  # β, dimensionless (parametric)
+    table: str | None = None  # CSV path (table model)
+    projection_pool: str = "all"  # eq. 5 pooling: all | sample | slice
+
+    def __post_init__(self) -> None:
+        if self.model not in MODELS:
+            raise ConfigError(
+                f"robustness.noise.model must be one of {', '.join(MODELS)}, got {self.model!r}"
+            )
+        if self.projection_pool not in POOLS:
+            raise ConfigError(
+                f"robustness.noise.projection_pool must be one of {', '.join(POOLS)}, "
+                f"got {self.projection_pool!r}"
+            )
+        if self.model == "table" and not self.table:
+            raise ConfigError("robustness.noise.model is 'table' but robustness.noise.table is not set")
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any] | None) -> NoiseConfig:
+        """From the full params dict (reads ``robustness.noise``) or the ``noise`` mapping itself."""
+        section: Any = params or {}
+        if "robustness" in section:
+            section = (section.get("robustness") or {}).get("noise") or {}
+        if not isinstance(section, Mapping):
+            raise ConfigError(f"robustness.noise must be a mapping, got {type(section).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(section) - known)
+        if unknown:
+            raise ConfigError(
+                f"robustness.noise: unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})"
+            )
+        kwargs: dict[str, Any] = {}
+        for key, value in section.items():
+            if key in ("model", "projection_pool"):
+                kwargs[key] = str(value)
+            elif key in ("table", "ref_mas") and value is None:
+                kwargs[key] = None
+            elif key == "table":
+                kwargs[key] = str(value)
+            else:
+                try:
+                    kwargs[key] = float(value)
+                except (TypeError, ValueError):
+                    raise ConfigError(f"robustness.noise.{key} must be a number, got {value!r}") from None
+        return cls(**kwargs)
+
+    def build(self, root: str | Path | None = None) -> NPSModel:
+        """The NPS model; a relative ``table`` path is resolved against ``root`` (default: cwd)."""
+        if self.model == "table":
+            path = Path(self.table)  # type: ignore[arg-type]
+            if root is not None and not path.is_absolute():
+                path = Path(root) / path
+            return load_nps_table(path, ref_mas=self.ref_mas)
+        return ParametricNPS(
+            ref_mas=250.0 if self.ref_mas is None else self.ref_mas,
+            sigma_ref_hu=self.sigma_ref_hu,
+            peak_freq_per_mm=self.peak_freq_per_mm,
+            ramp_exponent=self.ramp_exponent,
+            rolloff_exponent=self.rolloff_exponent,
+            ref_kvp=self.ref_kvp,
+        )
