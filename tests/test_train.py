@@ -202,3 +202,15 @@ def test_resume_after_interrupt_gives_the_same_weights(tmp_path: Path) -> None:
     other = train_fold(_fresh(), train, val, TrainConfig(epochs=1, batch_size=8, lr=1e-3, seed=8), rt,
                        tmp_path / "run" / "last.pt", progress=False)
     assert other.resumed_from_epoch == 0
+
+
+def test_early_stopping_stops_after_patience(tmp_path: Path) -> None:
+    ds = tmp_path / "ds"
+    toy_cubes(ds, n=16)
+    data = load_arrayset(ds, _fresh())
+    fold = data.manifest["fold"].to_numpy()
+    train, val = data.subset(fold == 0), data.subset(fold == 1)
+    # A step far too small to change the validation loss: no epoch after the first improves.
+    cfg = TrainConfig(epochs=10, batch_size=8, lr=1e-12, select_on="val_loss", early_stopping_patience=2, seed=0)
+    result = train_fold(_fresh(), train, val, cfg, select_runtime("cpu", "fp32"), tmp_path / "last.pt", progress=False)
+    assert [h["epoch"] for h in result.history] == [0, 1, 2] and result.best_epoch == 0
