@@ -1,0 +1,655 @@
+"""White-box PGD (L∞ / L2, CE / margin loss), FGSM and the robust-accuracy curve.
+
+The attack of ma et al. (2020), section 3: "100-PGD", run twice, once with the cross-entropy loss and
+once with the margin loss, a sample counting as broken when either run breaks it
+(``loss="both"``). Units: every ε and step size is in *model-input units* (``[0, 1]`` for ctharden
+models; see :mod:`ctharden.models.wrapper` for the HU equivalent, ``CTClassifier.eps_to_hu``).
+
+Conventions (``DESIGN.md``)
+---------------------------
+- The model runs in **eval mode** with **parameters frozen** (``requires_grad=False``) for the whole
+  attack; the caller's per-module train/eval flags and per-parameter ``requires_grad`` are restored
+  afterwards, also when the attack raises. BatchNorm statistics therefore never move.
+- The gradient is taken **only with respect to the perturbation**: the iterate ``x + δ`` is the only
+  tensor that requires grad (``torch.autograd.grad``; no ``.grad`` is written anywhere), and the
+  update, the projection and the worst-case bookkeeping run under ``torch.no_grad()``.
+- **Fully batched**: no Python loop over samples (loops over steps, restarts and optional chunks
+  of ``batch_size`` samples only). ε may be a float or a per-sample tensor ``(N,)``. Inputs may have
+  any rank ``(N, ...)`` — 2D ``(N, 1, H, W)``, 3D ``(N, D, H, W)``, ...
+- Every step projects onto the ε-ball around ``x`` (L∞: clamp to ``[-ε, ε]``; L2: rescale to norm
+  ``≤ ε``), then onto the clip range (default ``[0, 1]``; ``clip=None`` disables it). L2 norms and the
+  L2 gradient normalisation are per sample over all non-batch dimensions.
+- ``broken`` is always decided by a **plain forward pass** of the model in its own parameter dtype
+  (fp32 for ctharden models) with autocast disabled, on exactly the returned ``x_adv``, even when
+  the attack itself ran under bf16 autocast (``autocast=True``) or the caller is inside an autocast
+  region.
+
+Algorithm (per restart, per loss)
+---------------------------------
+1. Random start inside the ball. One draw per restart, shared by the CE and the margin run of
+   ``loss="both"``: with the same seed "both" is exactly the per-sample union of the "ce" and the
+   "margin" attacks, and restart 1 of a multi-restart attack is the 1-restart attack.
+   L∞: uniform in ``[-ε, ε]`` per element; L2: a uniformly random direction times a radius
+   ``ε·U`` with ``U ~ Uniform(0, 1)``; then projected onto the clip range.
+   (Not uniform in the ball's volume: in high dimension that would put every start on the sphere
+   in a direction nearly orthogonal to the gradient, and fixed-step PGD then needs many steps to
+   turn towards the optimum; starts at smaller radii leave room to move straight up the gradient.)
+2. ``steps`` iterations of ``δ ← Π(δ + α·sign(∇))`` (L∞) or ``δ ← Π(δ + α·∇/‖∇‖₂)`` (L2). Non-finite
+   gradient entries count as zero (the sanity checks report such samples).
+3. Worst case per sample over all ``steps + 1`` iterates: a misclassified iterate beats a correctly
+   classified one, then the higher loss wins.
+
+Across restarts (and, for ``loss="both"``, across the CE and margin runs) the per-sample worst case
+is re-decided from fp32 forward passes: broken first, then the higher loss (the run's own loss; the
+margin when comparing CE with margin runs — for a binary logit ``BCE = softplus(margin)``, so the
+order is the same). The clean input itself is also a candidate, so a sample the model already
+misclassifies is always reported broken (robust accuracy ≤ clean accuracy).
+
+Step size
+---------
+``step_size=None`` uses, per sample,
+
+- L∞: ``α = 2.5·ε / steps`` — the rule of Madry et al. (2018) and the ``robustness`` library: each
+  coordinate can travel 2.5 ε, enough to cross the ball from any random start and still have
+  steps left to settle. For 100-PGD that is ε/40.
+- L2: ``α = 5·ε / steps`` (ε/20 for 100-PGD). Once an L2 iterate reaches the sphere, a fixed step
+  turns it towards the gradient direction only slowly: the angle's tangent shrinks by about
+  ``1/(1 + α/ε)`` per step, so with 2.5 ε/steps 100 steps leave ~8 % of the initial angle
+  (e^-2.5). On the small CNNs of the tests that made 100-step L2 PGD miss samples that one FGSM
+  step breaks; with 5 ε/steps (e^-5 < 1 %) it missed none and broke more samples overall
+  (10 ε/steps was no better).
+
+A float or a per-sample tensor ``(N,)`` gives an absolute step in model-input units.
+
+Outputs supported
+-----------------
+Binary logit ``(N,)`` / ``(N, 1)``, class logits ``(N, C)`` (C ≥ 2) and ``CTClassifier`` ``rating``
+models through ``logit = rating - 3`` (see :mod:`ctharden.attacks.losses`). The kind comes from
+``output=``, else ``model.output``, else the output shape.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ctharden.attacks.losses import AttackError, OutputAdapter, attack_loss, infer_adapter
+
+NORMS: tuple[str, ...] = ("linf", "l2")
+ATTACK_LOSSES: tuple[str, ...] = ("ce", "margin", "both")
+# default step: factor * eps / steps (see "Step size" in the module docstring)
+STEP_SIZE_FACTOR: dict[str, float] = {"linf": 2.5, "l2": 5.0}
+
+
+# ---------------------------------------------------------------------------------------------------
+# model state
+
+
+@contextlib.contextmanager
+def attack_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Eval mode and frozen parameters inside the block; the caller's state is restored after.
+
+    Restores each module's own ``training`` flag (a partly frozen model keeps its mix) and each
+    parameter's ``requires_grad``.
+    """
+    modes = [(m, m.training) for m in model.modules()]
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        model.eval()
+        for p, _ in flags:
+            p.requires_grad_(False)
+        yield model
+    finally:
+        for m, training in modes:
+            m.training = training
+        for p, requires_grad in flags:
+            p.requires_grad_(requires_grad)
+
+
+def _param_dtype(model: nn.Module) -> torch.dtype | None:
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return None
+
+
+def _autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
+    if device.type not in ("cpu", "cuda"):
+        return contextlib.nullcontext()
+    if enabled:
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return torch.autocast(device_type=device.type, enabled=False)
+
+
+def _forward(model: nn.Module, xin: Tensor, adapter: OutputAdapter, bf16: bool) -> Tensor:
+    """Canonical output (binary logit or class logits) as fp32."""
+    with _autocast(xin.device, bf16):
+        out = model(xin)
+    return adapter.canonical(out).float()
+
+
+# ---------------------------------------------------------------------------------------------------
+# argument handling
+
+
+@dataclass
+class _Batch:
+    """Validated attack inputs (all on x's device, in the model's parameter dtype)."""
+
+    x: Tensor  # (N, ...) detached, working dtype
+    y: Tensor  # (N,) long
+    eps: Tensor  # (N,) fp32, >= 0
+    clip: tuple[float, float] | None
+    adapter: OutputAdapter
+    clean_z: Tensor  # canonical fp32 output on x
+    dtype: torch.dtype  # caller's dtype of x
+
+
+def _check_choice(name: str, value: Any, choices: Sequence[str]) -> str:
+    if value not in choices:
+        raise AttackError(f"{name} must be one of {list(choices)}, got {value!r}")
+    return value
+
+
+def _check_int(name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise AttackError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def _per_sample(name: str, value: float | Tensor, n: int, device: torch.device) -> Tensor:
+    """A float or a tensor with one value per sample -> fp32 ``(N,)``; finite and >= 0."""
+    if isinstance(value, Tensor):
+        t = value.detach().to(device=device, dtype=torch.float32)
+        if t.numel() == 1:
+            t = t.reshape(()).expand(n)
+        elif t.numel() == n:
+            t = t.reshape(n)
+        else:
+            raise AttackError(
+                f"{name} must be a float or hold one value per sample ({n}), got shape {tuple(value.shape)}"
+            )
+    else:
+        try:
+            v = float(value)
+        except (TypeError, ValueError):
+            raise AttackError(f"{name} must be a float or a tensor, got {value!r}") from None
+        t = torch.full((n,), v, device=device, dtype=torch.float32)
+    bad = ~torch.isfinite(t) | (t < 0)
+    if bad.any():
+        i = int(bad.nonzero()[0])
+        raise AttackError(f"{name} must be finite and >= 0; sample {i} has {t[i].item()!r}")
+    return t.contiguous()
+
+
+def _check_x(x: Any) -> None:
+    if not isinstance(x, Tensor) or not x.is_floating_point() or x.dim() < 2:
+        raise AttackError("x must be a floating-point tensor of shape (N, ...) with at least 2 dims")
+    if x.shape[0] == 0:
+        raise AttackError("x is empty")
+
+
+def _check_clip(clip: Any) -> tuple[float, float] | None:
+    if clip is None:
+        return None
+    try:
+        lo, hi = (float(v) for v in clip)
+    except (TypeError, ValueError):
+        raise AttackError(f"clip must be None or (lo, hi), got {clip!r}") from None
+    if not lo < hi:
+        raise AttackError(f"clip must have lo < hi, got {clip!r}")
+    return (lo, hi)
+
+
+def _labels(y: Any, n: int, device: torch.device) -> Tensor:
+    t = torch.as_tensor(y, device=device)
+    if t.dim() == 2 and t.shape[1] == 1:
+        t = t.squeeze(1)
+    if t.shape != (n,):
+        raise AttackError(f"y must have shape ({n},) to match x, got {tuple(t.shape)}")
+    if t.is_floating_point():
+        if not torch.equal(t, t.round()):
+            raise AttackError("y must hold integer class labels")
+    return t.long()
+
+
+def _prepare(
+    model: nn.Module,
+    x: Tensor,
+    y: Any,
+    eps: float | Tensor,
+    clip: Any,
+    output: str | None,
+) -> _Batch:
+    """Validate the arguments; run the clean fp32 forward pass (needs :func:`attack_mode` active)."""
+    _check_x(x)
+    n = x.shape[0]
+    clip_range = _check_clip(clip)
+    xw = x.detach()
+    pdtype = _param_dtype(model)
+    if pdtype is not None and xw.dtype != pdtype:
+        xw = xw.to(pdtype)
+    if not torch.isfinite(xw).all():
+        bad = int((~torch.isfinite(xw.flatten(1))).any(1).nonzero()[0])
+        raise AttackError(f"x has non-finite values (sample {bad})")
+    if clip_range is not None:
+        lo, hi = clip_range
+        flat = xw.flatten(1)
+        out_of_range = (flat < lo - 1e-6).any(1) | (flat > hi + 1e-6).any(1)
+        if out_of_range.any():
+            i = int(out_of_range.nonzero()[0])
+            raise AttackError(
+                f"sample {i} lies outside the clip range {clip_range} "
+                f"(min {flat[i].min().item():.4g}, max {flat[i].max().item():.4g}); "
+                "attacks take model-input units (CTClassifier.to_input) or pass clip=None"
+            )
+        xw = xw.clamp(lo, hi)
+    labels = _labels(y, n, x.device)
+    eps_t = _per_sample("eps", eps, n, x.device)
+    with torch.no_grad(), _autocast(x.device, False):
+        raw = model(xw)
+    adapter = infer_adapter(model, raw, output)
+    z = adapter.canonical(raw).float()
+    if z.shape[0] != n:
+        raise AttackError(f"the model returned {z.shape[0]} outputs for {n} samples")
+    n_classes = adapter.n_classes(z)
+    if (labels < 0).any() or (labels >= n_classes).any():
+        raise AttackError(f"labels must lie in [0, {n_classes - 1}] for a {adapter.kind!r} model")
+    return _Batch(xw, labels, eps_t, clip_range, adapter, z, x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------
+# geometry
+
+
+def _view(t: Tensor, like: Tensor) -> Tensor:
+    """``(N,)`` -> ``(N, 1, ..., 1)`` broadcastable against ``like``."""
+    return t.reshape(-1, *([1] * (like.dim() - 1))).to(like.dtype)
+
+
+def _mask(m: Tensor, like: Tensor) -> Tensor:
+    """Bool ``(N,)`` -> ``(N, 1, ..., 1)``."""
+    return m.reshape(-1, *([1] * (like.dim() - 1)))
+
+
+def flat_norm(t: Tensor, norm: str) -> Tensor:
+    """Per-sample norm over all non-batch dims, fp32 ``(N,)``."""
+    f = t.flatten(1).float()
+    return f.abs().amax(dim=1) if norm == "linf" else f.norm(dim=1)
+
+
+def random_in_ball(x: Tensor, eps: Tensor, norm: str, generator: torch.Generator | None = None) -> Tensor:
+    """A random perturbation inside the ε-ball: L∞ uniform; L2 uniform direction × radius ε·U, U ~ U(0, 1)."""
+    if norm == "linf":
+        u = torch.rand(x.shape, generator=generator, device=x.device, dtype=torch.float32)
+        return ((2 * u - 1) * _view(eps, u)).to(x.dtype)
+    direction = random_on_sphere(x, torch.ones_like(eps), generator)
+    r = torch.rand(eps.shape, generator=generator, device=x.device, dtype=torch.float32)
+    return direction * _view(eps * r, direction)
+
+
+def random_on_sphere(x: Tensor, radius: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """A uniformly random direction per sample scaled to L2 norm ``radius`` ``(N,)``."""
+    g = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32)
+    g = g / _view(flat_norm(g, "l2").clamp_min(1e-12), g)
+    return (g * _view(radius, g)).to(x.dtype)
+
+
+def project(xa: Tensor, x: Tensor, eps: Tensor, norm: str, clip: tuple[float, float] | None) -> Tensor:
+    """Project the iterate ``xa`` onto the ε-ball around ``x``, then onto the clip range."""
+    delta = xa - x
+    if norm == "linf":
+        e = _view(eps, delta)
+        delta = torch.maximum(torch.minimum(delta, e), -e)
+    else:
+        n = flat_norm(delta, "l2")
+        factor = (eps / n.clamp_min(1e-12)).clamp(max=1.0)
+        delta = delta * _view(factor, delta)
+    xa = x + delta
+    if clip is not None:
+        xa = xa.clamp(clip[0], clip[1])
+    return xa
+
+
+def _ascent_direction(grad: Tensor, norm: str) -> Tensor:
+    g = torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0)
+    if norm == "linf":
+        return g.sign()
+    return g / _view(flat_norm(g, "l2").clamp_min(1e-12), g)
+
+
+def default_step_size(eps: Tensor, steps: int, norm: str = "linf") -> Tensor:
+    """Per-sample default step: L∞ ``2.5·ε/steps``, L2 ``5·ε/steps``."""
+    return STEP_SIZE_FACTOR[norm] * eps / steps
+
+
+# ---------------------------------------------------------------------------------------------------
+# the attack
+
+
+@dataclass
+class RunTrace:
+    """What one PGD run (one loss, one restart) did: for the sanity checks.
+
+    ``loss_first``/``loss_last``: per-sample loss at the start and at the last iterate;
+    ``best_curve``: mean best-so-far loss after each of the ``steps + 1`` iterates.
+    """
+
+    loss: str
+    loss_first: Tensor
+    loss_last: Tensor
+    best_curve: list[float] = field(default_factory=list)
+
+
+def _run(
+    model: nn.Module,
+    b: _Batch,
+    *,
+    norm: str,
+    loss: str,
+    steps: int,
+    alpha: Tensor,
+    bf16: bool,
+    start: Tensor,
+    trace: RunTrace | None = None,
+) -> Tensor:
+    """One PGD run from the iterate ``start``; returns the per-sample worst iterate (tracked with the
+    run's own forward passes)."""
+    x, y, binary = b.x, b.y, b.adapter.binary
+    xa = start
+    best = xa
+    best_broken = torch.zeros_like(y, dtype=torch.bool)
+    best_loss = torch.full(y.shape, float("-inf"), device=x.device)
+    a = _view(alpha, x)
+    for t in range(steps + 1):
+        last = t == steps
+        if last:
+            with torch.no_grad():
+                z = _forward(model, xa, b.adapter, bf16)
+                value = attack_loss(loss, z, y, binary)
+        else:
+            with torch.enable_grad():
+                xg = xa.detach().requires_grad_(True)
+                z = _forward(model, xg, b.adapter, bf16)
+                value = attack_loss(loss, z, y, binary)
+                (grad,) = torch.autograd.grad(value.sum(), xg)
+        with torch.no_grad():
+            lv = torch.nan_to_num(value.detach(), nan=float("-inf"))
+            broken = b.adapter.predict(z.detach()) != y
+            better = (broken & ~best_broken) | ((broken == best_broken) & (lv > best_loss))
+            best = torch.where(_mask(better, x), xa, best)
+            best_broken = best_broken | broken
+            best_loss = torch.where(better, lv, best_loss)
+            if trace is not None:
+                if t == 0:
+                    trace.loss_first = lv.clone()
+                trace.best_curve.append(float(best_loss.clamp_min(-1e30).mean()))
+                if last:
+                    trace.loss_last = lv.clone()
+            if not last:
+                xa = project(xa + a * _ascent_direction(grad, norm), x, b.eps, norm, b.clip)
+    return best
+
+
+def _evaluate(model: nn.Module, xa: Tensor, b: _Batch, loss: str) -> tuple[Tensor, Tensor]:
+    """Plain (fp32, no autocast) forward: (broken, score) with score = ``loss`` per sample."""
+    with torch.no_grad():
+        z = _forward(model, xa, b.adapter, False)
+        broken = b.adapter.predict(z) != b.y
+        score = torch.nan_to_num(attack_loss(loss, z, b.y, b.adapter.binary), nan=float("-inf"))
+    return broken, score
+
+
+def _merge(
+    cur: tuple[Tensor, Tensor, Tensor] | None, new: tuple[Tensor, Tensor, Tensor]
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-sample worst case of two (x_adv, broken, score) candidates: broken first, then score."""
+    if cur is None:
+        return new
+    xc, bc, sc = cur
+    xn, bn, sn = new
+    better = (bn & ~bc) | ((bn == bc) & (sn > sc))
+    return (
+        torch.where(_mask(better, xc), xn, xc),
+        bc | bn,
+        torch.where(better, sn, sc),
+    )
+
+
+def _attack(
+    model: nn.Module,
+    b: _Batch,
+    *,
+    norm: str,
+    steps: int,
+    step_size: float | Tensor | None,
+    restarts: int,
+    loss: str,
+    bf16: bool,
+    generator: torch.Generator | None,
+    traces: list[RunTrace] | None = None,
+) -> tuple[Tensor, Tensor]:
+    """PGD on a prepared batch (inside :func:`attack_mode`): (x_adv working dtype, broken)."""
+    n = b.x.shape[0]
+    alpha = (
+        default_step_size(b.eps, steps, norm)
+        if step_size is None
+        else _per_sample("step_size", step_size, n, b.x.device)
+    )
+    losses = ("ce", "margin") if loss == "both" else (loss,)
+    key = "margin" if loss == "both" else loss
+    # the clean input is a candidate too (a misclassified sample is broken at any ε)
+    best = (b.x, *_score(b, b.clean_z, key))
+    for _ in range(restarts):
+        # one random start per restart, shared by the losses: with the same seed, "both" is
+        # exactly the per-sample worst case of the "ce" and the "margin" attacks
+        with torch.no_grad():
+            start = project(b.x + random_in_ball(b.x, b.eps, norm, generator), b.x, b.eps, norm, b.clip)
+        for name in losses:
+            trace = None
+            if traces is not None:
+                trace = RunTrace(name, torch.empty(0), torch.empty(0))
+                traces.append(trace)
+            xa = _run(
+                model, b, norm=norm, loss=name, steps=steps, alpha=alpha, bf16=bf16, start=start, trace=trace
+            )
+            best = _merge(best, (xa, *_evaluate(model, xa, b, key)))
+    x_adv = best[0]
+    broken, _ = _evaluate(model, x_adv, b, key)  # decided on exactly the returned tensor
+    return x_adv, broken
+
+
+def _score(b: _Batch, z: Tensor, key: str) -> tuple[Tensor, Tensor]:
+    broken = b.adapter.predict(z) != b.y
+    return broken, torch.nan_to_num(attack_loss(key, z, b.y, b.adapter.binary), nan=float("-inf"))
+
+
+def _use_bf16(model: nn.Module, x: Tensor, autocast: bool) -> bool:
+    return bool(autocast) and _param_dtype(model) == torch.float32 and x.device.type in ("cpu", "cuda")
+
+
+def _chunks(n: int, batch_size: int | None) -> list[slice]:
+    if batch_size is None:
+        return [slice(0, n)]
+    _check_int("batch_size", batch_size, 1)
+    return [slice(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
+
+
+def _slice_arg(value: Any, sl: slice, n: int) -> Any:
+    """Per-sample tensors (ε, step size, labels) follow the chunk; scalars pass through."""
+    if isinstance(value, Tensor) and value.dim() > 0 and value.shape[0] == n and value.numel() > 1:
+        return value[sl]
+    return value
+
+
+def pgd(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    eps: float | Tensor,
+    *,
+    norm: str = "linf",
+    steps: int = 100,
+    step_size: float | Tensor | None = None,
+    restarts: int = 1,
+    loss: str = "ce",
+    clip: tuple[float, float] | None = (0.0, 1.0),
+    autocast: bool = False,
+    output: str | None = None,
+    generator: torch.Generator | None = None,
+    batch_size: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Projected gradient descent (ascent on the loss) within an L∞ or L2 ball; worst case kept.
+
+    Args:
+        model: a classifier whose output is a binary logit ``(N,)``/``(N, 1)``, class logits
+            ``(N, C)``, or a ``CTClassifier`` rating (``logit = rating - 3``).
+        x: ``(N, ...)`` inputs in model-input units (any rank; ``[0, 1]`` for ctharden models).
+        y: ``(N,)`` integer labels (0/1 for binary models).
+        eps: radius in model-input units: a float, or a tensor ``(N,)`` (one budget per sample).
+        norm: ``"linf"`` or ``"l2"`` (L2 over all non-batch dims of a sample).
+        steps: iterations per run (100 = the papers' 100-PGD).
+        step_size: None -> ``2.5·ε/steps`` (L∞) or ``5·ε/steps`` (L2) per sample; else absolute
+            (float or ``(N,)``, model-input units).
+        restarts: random starts per loss (>= 1); the worst case over all of them is kept.
+        loss: ``"ce"``, ``"margin"`` or ``"both"`` (a CE run and a margin run, each with its
+            restarts; a sample is broken if either breaks it — what the evaluation uses).
+        clip: ``(lo, hi)`` valid input range (x must lie in it), or None for no clipping.
+        autocast: run the attack's forward/backward passes under bf16 autocast (fp32 models on
+            CPU/CUDA only; DESIGN.md measures ~5× for a paper-width nodule CNN fwd+bwd on this
+            CPU). ``broken`` still comes from an fp32 pass.
+        output: override the output kind (``logit`` | ``logits2`` | ``rating`` | ``logits``).
+        generator: random source for the starts (default: torch's global RNG, so
+            ``torch.manual_seed`` makes the attack reproducible).
+        batch_size: attack at most this many samples at once (memory); None = all at once.
+
+    Returns:
+        ``(x_adv, broken)``: ``x_adv`` with the shape and dtype of ``x``; ``broken`` a bool ``(N,)``,
+        True where the model's fp32 prediction on ``x_adv`` differs from ``y``.
+    """
+    _check_choice("norm", norm, NORMS)
+    _check_choice("loss", loss, ATTACK_LOSSES)
+    _check_int("steps", steps, 1)
+    _check_int("restarts", restarts, 1)
+    _check_x(x)
+    n = x.shape[0]
+    y = torch.as_tensor(y, device=x.device)
+    advs, brokens = [], []
+    with attack_mode(model):
+        bf16 = _use_bf16(model, x, autocast)
+        for sl in _chunks(n, batch_size):
+            b = _prepare(model, x[sl], _slice_arg(y, sl, n), _slice_arg(eps, sl, n), clip, output)
+            xa, broken = _attack(
+                model, b, norm=norm, steps=steps, step_size=_slice_arg(step_size, sl, n),
+                restarts=restarts, loss=loss, bf16=bf16, generator=generator,
+            )
+            advs.append(xa)
+            brokens.append(broken)
+    x_adv = torch.cat(advs).to(x.dtype)
+    broken = torch.cat(brokens)
+    if x_adv.dtype != advs[0].dtype:  # the caller's dtype differs from the model's: re-decide
+        broken = predict_broken(model, x_adv, y, output=output)
+    return x_adv, broken
+
+
+def fgsm(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    eps: float | Tensor,
+    *,
+    norm: str = "linf",
+    loss: str = "ce",
+    clip: tuple[float, float] | None = (0.0, 1.0),
+    output: str | None = None,
+) -> tuple[Tensor, Tensor]:
+    """One gradient step of size ε from the clean input (Goodfellow et al. 2015; L2: normalised).
+
+    L∞: ``x + ε·sign(∇)``; L2: ``x + ε·∇/‖∇‖₂``; then the clip range. ``loss="both"`` takes the
+    worse of the CE and margin steps per sample. Returns ``(x_adv, broken)`` like :func:`pgd`.
+    """
+    _check_choice("norm", norm, NORMS)
+    _check_choice("loss", loss, ATTACK_LOSSES)
+    losses = ("ce", "margin") if loss == "both" else (loss,)
+    key = "margin" if loss == "both" else loss
+    with attack_mode(model):
+        b = _prepare(model, x, y, eps, clip, output)
+        best = None
+        for name in losses:
+            with torch.enable_grad():
+                xg = b.x.detach().requires_grad_(True)
+                z = _forward(model, xg, b.adapter, False)
+                (grad,) = torch.autograd.grad(attack_loss(name, z, b.y, b.adapter.binary).sum(), xg)
+            with torch.no_grad():
+                step = _view(b.eps, b.x) * _ascent_direction(grad, norm)
+                xa = project(b.x + step, b.x, b.eps, norm, b.clip)
+            best = _merge(best, (xa, *_evaluate(model, xa, b, key)))
+        assert best is not None
+        broken, _ = _evaluate(model, best[0], b, key)
+    x_adv = best[0].to(x.dtype)
+    if x_adv.dtype != best[0].dtype:
+        broken = predict_broken(model, x_adv, y, output=output)
+    return x_adv, broken
+
+
+def predict_broken(model: nn.Module, x: Tensor, y: Tensor, *, output: str | None = None) -> Tensor:
+    """``(N,)`` bool: the model's plain fp32 (eval-mode) prediction on ``x`` differs from ``y``."""
+    with attack_mode(model):
+        b = _prepare(model, x, y, 0.0, None, output)
+        return b.adapter.predict(b.clean_z) != b.y
+
+
+def robust_accuracy_curve(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    eps_list: Sequence[float],
+    **pgd_kwargs: Any,
+) -> dict[str, Any]:
+    """Robust accuracy of :func:`pgd` at each ε, and the normalised area under that curve.
+
+    ε = 0 (the clean accuracy) is always part of the curve (prepended when missing); the ε values
+    are sorted. ``auc`` is the trapezoid area under accuracy(ε) over ``[0, max ε]`` divided by
+    ``max ε`` (so 1.0 = fully robust over the range; equal to the clean accuracy when max ε = 0).
+
+    Returns a JSON-serialisable dict: ``eps``, ``accuracy``, ``success_rate`` (share broken), ``auc``,
+    ``n`` and the attack settings (``norm``, ``loss``, ``steps``, ``restarts``).
+    """
+    try:
+        values = sorted({float(e) for e in eps_list} | {0.0})
+    except (TypeError, ValueError):
+        raise AttackError(f"eps_list must be a list of numbers, got {eps_list!r}") from None
+    if any(not math.isfinite(e) or e < 0 for e in values):
+        raise AttackError(f"eps_list must hold finite values >= 0, got {list(eps_list)}")
+    accuracy: list[float] = []
+    for e in values:
+        if e == 0.0:
+            broken = predict_broken(model, x, y, output=pgd_kwargs.get("output"))
+        else:
+            _, broken = pgd(model, x, y, e, **pgd_kwargs)
+        accuracy.append(1.0 - float(broken.float().mean()))
+    top = values[-1]
+    if top > 0:
+        area = sum(
+            (values[i + 1] - values[i]) * (accuracy[i] + accuracy[i + 1]) / 2 for i in range(len(values) - 1)
+        )
+        auc = area / top
+    else:
+        auc = accuracy[0]
+    return {
+        "eps": values,
+        "accuracy": accuracy,
+        "success_rate": [1.0 - a for a in accuracy],
+        "auc": auc,
+        "n": int(x.shape[0]),
+        "norm": pgd_kwargs.get("norm", "linf"),
+        "loss": pgd_kwargs.get("loss", "ce"),
+        "steps": pgd_kwargs.get("steps", 100),
+        "restarts": pgd_kwargs.get("restarts", 1),
+    }
