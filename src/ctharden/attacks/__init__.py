@@ -1,4 +1,5 @@
-"""White-box attacks: PGD (L∞/L2, CE/margin loss), FGSM, the robust-accuracy curve, sanity checks.
+"""Attacks: PGD (L∞/L2, CE/margin loss), FGSM, the robust-accuracy curve, sanity checks, and the
+random and optimised NPS noise attacks (shen 2020, SAN/SAR metrics) in :mod:`.nps`.
 
 >>> x_adv, broken = pgd(model, x, y, eps=4 / 255, norm="linf", steps=100, loss="both")
 >>> curve = robust_accuracy_curve(model, x, y, [0.01, 0.02, 0.05], loss="both")
@@ -10,6 +11,8 @@ adapters (``rating`` models: ``logit = rating - 3``), :mod:`.sanity` the checks.
 """
 
 from ctharden.attacks.losses import AttackError, OutputAdapter, attack_loss, infer_adapter
+from ctharden.attacks.nps import NPSAttackResult, NPSLevelResult, optimized_nps_attack, random_nps_attack
+from ctharden.attacks.nps_metrics import san, san_rate, sar_above_curve, sar_from_counts
 from ctharden.attacks.pgd import (
     ATTACK_LOSSES,
     NORMS,
@@ -26,6 +29,8 @@ from ctharden.attacks.sanity import CHECKS, SanityReport, run_sanity_checks
 __all__ = [
     "ATTACK_LOSSES",
     "AttackError",
+    "NPSAttackResult",
+    "NPSLevelResult",
     "CHECKS",
     "NORMS",
     "OutputAdapter",
@@ -36,8 +41,14 @@ __all__ = [
     "default_step_size",
     "fgsm",
     "infer_adapter",
+    "optimized_nps_attack",
     "pgd",
     "predict_broken",
+    "random_nps_attack",
     "robust_accuracy_curve",
     "run_sanity_checks",
+    "san",
+    "san_rate",
+    "sar_above_curve",
+    "sar_from_counts",
 ]
