@@ -22,6 +22,7 @@ import torch
 from torch.utils.data import Dataset, WeightedRandomSampler
 
 from ctharden.data.dataset import load_arrays, read_manifest
+from ctharden.errors import DataError
 
 
 @dataclass
@@ -55,7 +56,7 @@ def load_arrayset(dataset_dir: str | Path, model: torch.nn.Module, rating_column
     y = torch.as_tensor(manifest["label"].to_numpy().copy(), dtype=torch.int64)
     if getattr(model, "output", None) == "rating":
         if rating_column not in manifest.columns:
-            raise ValueError(f"{dataset_dir}: a rating model needs the manifest column {rating_column!r}")
+            raise DataError(f"{dataset_dir}: a rating model needs the manifest column {rating_column!r}")
         target = torch.as_tensor(manifest[rating_column].to_numpy(dtype=np.float32))
     else:
         target = y.float()

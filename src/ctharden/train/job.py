@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from ctharden import pipeline
-from ctharden.checkpoint import save_model
+from ctharden.checkpoint import load_model, save_model
 from ctharden.config import deep_merge, section
 from ctharden.data.dataset import read_info
 from ctharden.data.validation import require_validated
@@ -39,7 +39,7 @@ from ctharden.evaluate.predict import predict_scores
 from ctharden.io import atomic_write_json, atomic_write_text
 from ctharden.tracking import MODEL_FILE_ARTIFACT, configure, flatten, tracking_from_params
 from ctharden.train.data import ArraySet, init_seed, load_arrayset
-from ctharden.train.loop import TrainConfig, train_fold
+from ctharden.train.loop import TrainConfig, selection_score, train_fold
 
 log = logging.getLogger(__name__)
 DEFAULT_WINDOW = {"nodule3d": (-1000.0, 400.0), "covid2d": None}
@@ -182,11 +182,9 @@ def run_training_job(params: dict[str, Any], job: str, *, progress: bool = True)
                                  "val": val_m, "test": test_m, "mlflow_run_id": fold_run.info.run_id,
                                  "history": result.history})
 
-        selected = _select_fold(per_fold, loop_cfg.select_on)
+        selected = _select_fold(per_fold, loop_cfg)
         final_path = dirs["models"] / "model.pt"
         shutil.copyfile(dirs["models"] / f"fold{selected['fold']}" / "model.pt", final_path)
-        from ctharden.checkpoint import load_model
-
         final_model, _ = load_model(final_path)
         agg = aggregate_folds([f["test"] for f in per_fold])
         table = format_table([{"fold": f["fold"], **f["test"]} for f in per_fold], agg)
@@ -219,13 +217,12 @@ def run_training_job(params: dict[str, Any], job: str, *, progress: bool = True)
     return summary
 
 
-def _select_fold(per_fold: list[dict[str, Any]], select_on: str) -> dict[str, Any]:
-    """The fold whose model scored best on its own validation fold (first fold if none has one)."""
-    def key(f: dict[str, Any]) -> float:
-        v = f.get("val") or {}
-        if select_on == "val_loss" or v.get("auc") is None:
-            return v.get("accuracy", -1.0) or -1.0
-        return v["auc"]
+def _select_fold(per_fold: list[dict[str, Any]], cfg: TrainConfig) -> dict[str, Any]:
+    """The fold whose selected epoch scored best on its own validation fold, by the same rule that
+    chose the epoch (:func:`~ctharden.train.loop.selection_score`); the first fold on a tie."""
+    def key(f: dict[str, Any]) -> list[float]:
+        best = next((h for h in f["history"] if h["epoch"] == f["best_epoch"]), {})
+        return selection_score(cfg, best)
 
     return max(per_fold, key=key)
 

@@ -84,21 +84,25 @@ def _val_metrics(model: torch.nn.Module, val: ArraySet, cfg: TrainConfig, runtim
             "val_accuracy": m["accuracy"]}
 
 
-def _improved(cfg: TrainConfig, metrics: dict[str, float], best: list[float] | None) -> tuple[bool, list[float]]:
-    """Is this epoch better than ``best``? Scores compare lexicographically, higher is better.
+def selection_score(cfg: TrainConfig, metrics: dict[str, float]) -> list[float]:
+    """How good an epoch is under ``cfg.select_on``; scores compare lexicographically, higher is better.
 
     ``val_auc`` ties (AUC saturates at 1.0 on easy validation folds while the outputs are still
     uncalibrated) are broken by the lower validation loss.
     """
-    if cfg.select_on == "last":
-        return True, [0.0]
+    if cfg.select_on == "last" or "val_loss" not in metrics:
+        return [0.0]
     loss = metrics["val_loss"]
     if cfg.select_on == "val_auc":
         auc = metrics["val_auc"]
-        score = [-math.inf if math.isnan(auc) else auc, -loss]
-    else:
-        score = [-loss]
-    return best is None or score > best, score
+        return [-math.inf if math.isnan(auc) else auc, -loss]
+    return [-loss]
+
+
+def _improved(cfg: TrainConfig, metrics: dict[str, float], best: list[float] | None) -> tuple[bool, list[float]]:
+    """Is this epoch better than ``best`` (always, under ``select_on='last'``)?"""
+    score = selection_score(cfg, metrics)
+    return best is None or cfg.select_on == "last" or score > best, score
 
 
 def train_fold(
