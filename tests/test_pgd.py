@@ -325,6 +325,37 @@ def test_both_losses_and_restarts_never_reduce_success(
     assert not (runs["ce", 1] & ~runs["ce", 3]).any()  # the first restart is the 1-restart run
 
 
+class CountingModel(nn.Module):
+    """Counts the samples that go through forward passes."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net, self.samples = net, 0
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.samples += x.shape[0]
+        return self.net(x)
+
+
+@pytest.mark.parametrize(("norm", "eps"), [("linf", 0.03), ("linf", 0.08), ("l2", 0.8)])
+def test_early_stop_gives_the_same_verdict_for_fewer_passes(
+    trained: TinyCNN, test_set: tuple[Tensor, Tensor], norm: str, eps: float
+) -> None:
+    x, y = test_set
+    counted = CountingModel(trained)
+    runs = {}
+    for early in (False, True):
+        counted.samples = 0
+        torch.manual_seed(5)
+        x_adv, broken = pgd(counted, x, y, eps, norm=norm, steps=40, loss="both", restarts=2, early_stop=early)
+        runs[early] = (x_adv, broken, counted.samples)
+    assert torch.equal(runs[False][1], runs[True][1])  # same random starts, same verdict per sample
+    assert torch.equal(runs[True][1], predict_broken(trained, runs[True][0], y))
+    assert runs[True][2] < runs[False][2]
+    if bool(runs[True][1].float().mean() > 0.9):  # nearly all broken: most passes are saved
+        assert runs[True][2] < 0.5 * runs[False][2]
+
+
 def test_deterministic_under_manual_seed(trained: TinyCNN, test_set: tuple[Tensor, Tensor]) -> None:
     x, y = test_set
     out = []
@@ -371,6 +402,10 @@ def test_sanity_checks_pass_on_a_clean_model(trained: TinyCNN, test_set: tuple[T
     torch.manual_seed(0)
     l2 = run_sanity_checks(trained, x, y, [0.3, 0.8], norm="l2")
     assert l2.passed, l2.summary()
+    torch.manual_seed(0)
+    fast = run_sanity_checks(trained, x, y, [0.01, 0.03, 0.06], norm="linf", early_stop=True)
+    assert fast.passed, fast.summary()
+    assert fast.curve == report.curve  # early stop changes the cost, not the numbers
 
 
 @pytest.mark.parametrize("front", [RoundingLayer, SignFront])
@@ -382,7 +417,7 @@ def test_sanity_checks_flag_gradient_masking(
     masked = front(trained)
     assert not predict_broken(masked, x, y).any()  # still a perfect classifier on clean inputs
     torch.manual_seed(0)
-    report = run_sanity_checks(masked, x, y, eps_list, norm=norm, steps=50)
+    report = run_sanity_checks(masked, x, y, eps_list, norm=norm, steps=50, early_stop=True)
     assert not report.passed
     assert "zero_gradient" in report.flags and "loss_increase" in report.flags
     assert {"large_eps_chance", "random_vs_gradient", "pgd_vs_fgsm"} & set(report.flags), report.summary()

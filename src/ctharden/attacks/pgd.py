@@ -358,42 +358,69 @@ def _run(
     bf16: bool,
     start: Tensor,
     trace: RunTrace | None = None,
+    active: Tensor | None = None,
+    early_stop: bool = False,
 ) -> Tensor:
     """One PGD run from the iterate ``start``; returns the per-sample worst iterate (tracked with the
-    run's own forward passes)."""
+    run's own forward passes).
+
+    ``active`` (bool ``(N,)``): samples to attack; the others return ``start`` untouched. With
+    ``early_stop`` a sample leaves the batch at the first iterate that breaks it (under bf16: once a
+    plain fp32 pass confirms it), and that iterate is its worst case: whether it is broken cannot
+    change afterwards, and the remaining steps' passes are saved. A trace holds NaN for samples
+    never attacked.
+    """
     x, y, binary = b.x, b.y, b.adapter.binary
-    xa = start
-    best = xa
+    n = x.shape[0]
+    xa = start.clone()
+    best = start.clone()
     best_broken = torch.zeros_like(y, dtype=torch.bool)
     best_loss = torch.full(y.shape, float("-inf"), device=x.device)
-    a = _view(alpha, x)
+    cur_loss = torch.full(y.shape, float("nan"), device=x.device)
+    idx = torch.arange(n, device=x.device) if active is None else active.nonzero().squeeze(1)
+    if trace is not None:
+        trace.loss_first = torch.full(y.shape, float("nan"), device=x.device)
     for t in range(steps + 1):
+        if idx.numel() == 0:
+            break
         last = t == steps
+        xs, ys, xs0 = xa[idx], y[idx], x[idx]
         if last:
             with torch.no_grad():
-                z = _forward(model, xa, b.adapter, bf16)
-                value = attack_loss(loss, z, y, binary)
+                z = _forward(model, xs, b.adapter, bf16)
+                value = attack_loss(loss, z, ys, binary)
         else:
             with torch.enable_grad():
-                xg = xa.detach().requires_grad_(True)
+                xg = xs.detach().requires_grad_(True)
                 z = _forward(model, xg, b.adapter, bf16)
-                value = attack_loss(loss, z, y, binary)
+                value = attack_loss(loss, z, ys, binary)
                 (grad,) = torch.autograd.grad(value.sum(), xg)
         with torch.no_grad():
             lv = torch.nan_to_num(value.detach(), nan=float("-inf"))
-            broken = b.adapter.predict(z.detach()) != y
-            better = (broken & ~best_broken) | ((broken == best_broken) & (lv > best_loss))
-            best = torch.where(_mask(better, x), xa, best)
-            best_broken = best_broken | broken
-            best_loss = torch.where(better, lv, best_loss)
+            broken = b.adapter.predict(z.detach()) != ys
+            bb, bl = best_broken[idx], best_loss[idx]
+            better = (broken & ~bb) | ((broken == bb) & (lv > bl))
+            best[idx] = torch.where(_mask(better, xs), xs, best[idx])
+            best_broken[idx] = bb | broken
+            best_loss[idx] = torch.where(better, lv, bl)
+            cur_loss[idx] = lv
             if trace is not None:
                 if t == 0:
-                    trace.loss_first = lv.clone()
-                trace.best_curve.append(float(best_loss.clamp_min(-1e30).mean()))
-                if last:
-                    trace.loss_last = lv.clone()
+                    trace.loss_first[idx] = lv
+                seen = torch.isfinite(trace.loss_first)
+                if bool(seen.any()):
+                    trace.best_curve.append(float(best_loss[seen].clamp_min(-1e30).mean()))
             if not last:
-                xa = project(xa + a * _ascent_direction(grad, norm), x, b.eps, norm, b.clip)
+                xa[idx] = project(xs + _view(alpha[idx], xs) * _ascent_direction(grad, norm), xs0, b.eps[idx], norm, b.clip)
+            if early_stop:
+                drop = best_broken[idx]
+                if bf16 and bool(drop.any()):  # leave only when the fp32 decision agrees
+                    cand = idx[drop]
+                    zf = _forward(model, best[cand], b.adapter, False)
+                    drop[drop.clone()] = b.adapter.predict(zf) != y[cand]
+                idx = idx[~drop]
+    if trace is not None:
+        trace.loss_last = cur_loss.clone()
     return best
 
 
@@ -434,8 +461,12 @@ def _attack(
     bf16: bool,
     generator: torch.Generator | None,
     traces: list[RunTrace] | None = None,
+    early_stop: bool = False,
 ) -> tuple[Tensor, Tensor]:
-    """PGD on a prepared batch (inside :func:`attack_mode`): (x_adv working dtype, broken)."""
+    """PGD on a prepared batch (inside :func:`attack_mode`): (x_adv working dtype, broken).
+
+    ``early_stop``: a sample already broken (clean, or by an earlier run) is not attacked again,
+    and a run drops a sample at its first breaking iterate (see :func:`_run`)."""
     n = b.x.shape[0]
     alpha = (
         default_step_size(b.eps, steps, norm)
@@ -457,7 +488,8 @@ def _attack(
                 trace = RunTrace(name, torch.empty(0), torch.empty(0))
                 traces.append(trace)
             xa = _run(
-                model, b, norm=norm, loss=name, steps=steps, alpha=alpha, bf16=bf16, start=start, trace=trace
+                model, b, norm=norm, loss=name, steps=steps, alpha=alpha, bf16=bf16, start=start, trace=trace,
+                active=~best[1] if early_stop else None, early_stop=early_stop,
             )
             best = _merge(best, (xa, *_evaluate(model, xa, b, key)))
     x_adv = best[0]
@@ -504,6 +536,7 @@ def pgd(
     output: str | None = None,
     generator: torch.Generator | None = None,
     batch_size: int | None = None,
+    early_stop: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Projected gradient descent (ascent on the loss) within an L∞ or L2 ball; worst case kept.
 
@@ -528,6 +561,11 @@ def pgd(
         generator: random source for the starts (default: torch's global RNG, so
             ``torch.manual_seed`` makes the attack reproducible).
         batch_size: attack at most this many samples at once (memory); None = all at once.
+        early_stop: stop attacking a sample once an iterate breaks it (and skip samples the
+            model already misclassifies). ``broken`` is exactly the same as without it; ``x_adv``
+            of a broken sample is then its first breaking iterate rather than the highest-loss one.
+            What an evaluation wants (it only counts broken samples, and an undefended model costs a
+            fraction of the passes); adversarial *training* wants the loss maximiser (False).
 
     Returns:
         ``(x_adv, broken)``: ``x_adv`` with the shape and dtype of ``x``; ``broken`` a bool ``(N,)``,
@@ -547,7 +585,7 @@ def pgd(
             b = _prepare(model, x[sl], _slice_arg(y, sl, n), _slice_arg(eps, sl, n), clip, output)
             xa, broken = _attack(
                 model, b, norm=norm, steps=steps, step_size=_slice_arg(step_size, sl, n),
-                restarts=restarts, loss=loss, bf16=bf16, generator=generator,
+                restarts=restarts, loss=loss, bf16=bf16, generator=generator, early_stop=early_stop,
             )
             advs.append(xa)
             brokens.append(broken)

@@ -150,14 +150,14 @@ def _r(v: float) -> float:
 
 def _pgd_traced(
     model: nn.Module, x: Tensor, y: Tensor, eps: float, *, norm: str, steps: int, restarts: int,
-    loss: str, clip: Any, bf16: bool, output: str | None,
+    loss: str, clip: Any, bf16: bool, output: str | None, early_stop: bool = False,
 ) -> tuple[Tensor, Tensor, list[RunTrace]]:
     traces: list[RunTrace] = []
     with attack_mode(model):
         b = _prepare(model, x, y, eps, clip, output)
         xa, broken = _attack(
             model, b, norm=norm, steps=steps, step_size=None, restarts=restarts, loss=loss,
-            bf16=bf16, generator=None, traces=traces,
+            bf16=bf16, generator=None, traces=traces, early_stop=early_stop,
         )
     return xa, broken, traces
 
@@ -255,6 +255,7 @@ def run_sanity_checks(
     check_eps: float | None = None,
     autocast: bool = False,
     output: str | None = None,
+    early_stop: bool = False,
 ) -> SanityReport:
     """Run the eight checks of the module docstring on one batch; see :class:`SanityReport`.
 
@@ -271,6 +272,8 @@ def run_sanity_checks(
         max_zero_grad_share: largest tolerated share of samples with a zero or non-finite gradient.
         min_loss_up_share: smallest share of (sample, run) pairs whose loss must rise along PGD.
         check_eps: ε for ``convergence`` and ``loss_increase`` (default: see the module docstring).
+        early_stop: the PGD runs drop a sample once it is broken (as the evaluation runs them;
+            same ``broken``). ``loss_increase`` then counts each run's attacked samples only.
     """
     _check_choice("norm", norm, NORMS)
     _check_choice("loss", loss, ATTACK_LOSSES)
@@ -301,7 +304,7 @@ def run_sanity_checks(
     for e in attack_eps:
         runs[e] = _pgd_traced(
             model, x, y, e, norm=norm, steps=steps, restarts=restarts, loss=loss, clip=clip,
-            bf16=bf16, output=output,
+            bf16=bf16, output=output, early_stop=early_stop,
         )
     acc = {e: 1.0 - float(runs[e][1].float().mean()) for e in attack_eps}
     curve = {"eps": [0.0, *attack_eps], "accuracy": [clean_acc, *(acc[e] for e in attack_eps)]}
@@ -359,7 +362,7 @@ def run_sanity_checks(
         if ce_eps not in runs:
             runs[ce_eps] = _pgd_traced(
                 model, x, y, ce_eps, norm=norm, steps=steps, restarts=restarts, loss=loss, clip=clip,
-                bf16=bf16, output=output,
+                bf16=bf16, output=output, early_stop=early_stop,
             )
     elif eps_values:
         ce_eps = min(eps_values, key=lambda e: (abs(acc[e] - clean_acc / 2), e))
@@ -370,7 +373,7 @@ def run_sanity_checks(
     # 4. convergence: 2x steps and 2x restarts
     _, broken2, _ = _pgd_traced(
         model, x, y, ce_eps, norm=norm, steps=2 * steps, restarts=2 * restarts, loss=loss, clip=clip,
-        bf16=bf16, output=output,
+        bf16=bf16, output=output, early_stop=early_stop,
     )
     success2 = float(broken2.float().mean())
     change = abs(success2 - base_success)
@@ -383,12 +386,14 @@ def run_sanity_checks(
 
     # 5. the loss goes up along PGD
     traces = runs[ce_eps][2]
-    up = torch.cat([(t.loss_last > t.loss_first).float() for t in traces])
-    up_share = float(up.mean())
+    # samples a run never attacked (early stop: already broken) have NaN losses and do not count
+    seen = torch.cat([torch.isfinite(t.loss_first) for t in traces])
+    up = torch.cat([(t.loss_last > t.loss_first) for t in traces])[seen].float()
+    up_share = float(up.mean()) if up.numel() else 1.0
     gains: dict[str, float] = {}
     for name in {t.loss for t in traces}:
-        diff = torch.cat([t.loss_last - t.loss_first for t in traces if t.loss == name])
-        gains[name] = float(torch.nan_to_num(diff, nan=0.0, posinf=0.0, neginf=0.0).mean())
+        diff = torch.cat([(t.loss_last - t.loss_first)[torch.isfinite(t.loss_first)] for t in traces if t.loss == name])
+        gains[name] = float(torch.nan_to_num(diff, nan=0.0, posinf=0.0, neginf=0.0).mean()) if diff.numel() else 0.0
     stride = max(1, steps // 10)
     curves = {
         name: [_r(v) for v in next(t for t in traces if t.loss == name).best_curve[::stride]]
@@ -433,6 +438,6 @@ def run_sanity_checks(
         "norm": norm, "steps": steps, "restarts": restarts, "loss": loss,
         "clip": list(clip_range) if clip_range else None,
         "tolerance": tolerance, "large_eps": big, "check_eps": ce_eps, "n_random": n_random,
-        "n": int(x.shape[0]), "autocast": bf16,
+        "n": int(x.shape[0]), "autocast": bf16, "early_stop": bool(early_stop),
     }
     return SanityReport(checks=checks, curve=curve, settings=settings)
