@@ -1,7 +1,8 @@
 """Prefect flows: the same stages as dvc.yaml, calling the same library functions.
 
 - ``data_flow``: ingest and validate every dataset (:mod:`ctharden.pipeline`);
-- ``pipeline_flow``: ``data_flow``, then every training job (:mod:`ctharden.train.job`).
+- ``pipeline_flow``: ``data_flow``, then every training job (:mod:`ctharden.train.job`), then the
+  robustness evaluation of every trained job (:mod:`ctharden.evaluate.stage`) with its report.
 
 Run without a server (Prefect starts a temporary local API):
 
@@ -89,11 +90,29 @@ def train_task(params: dict[str, Any], job: str) -> dict[str, Any]:
     return run_training_job(params, job, progress=False)
 
 
+@task(name="evaluate", retries=1, retry_delay_seconds=2, retry_condition_fn=_transient)
+def evaluate_task(params: dict[str, Any]) -> dict[str, Any]:
+    """Robustness evaluation of every trained job (see :func:`ctharden.evaluate.stage.run_evaluation`);
+    publishes the report's summary (Table 2, PGD, sanity verdicts) as a markdown artifact."""
+    from pathlib import Path
+
+    from ctharden.evaluate.stage import run_evaluation
+
+    out = run_evaluation(params)
+    create_markdown_artifact(
+        key="robustness",
+        markdown=Path(out["report"]["summary"]).read_text(),
+        description=f"NPS attacks (SAN/N %), 100-PGD robust accuracy and sanity checks; report {out['report']['html']}",
+    )
+    return out
+
+
 @flow(name="ctharden-pipeline")
 def pipeline_flow(
     profile: str | None = None, params_path: str = "params.yaml", overrides: Sequence[str] = ()
 ) -> dict[str, Any]:
-    """Ingest + validate every dataset, then train every configured job (sequentially: CPU-bound)."""
+    """Ingest + validate every dataset, train every configured job (sequentially: CPU-bound), then
+    evaluate their robustness."""
     from ctharden.train.job import job_names
 
     data = data_flow(profile=profile, params_path=params_path, overrides=overrides)
@@ -106,7 +125,8 @@ def pipeline_flow(
         rows.append(f"| {job} | {s['dataset']} | {auc_txt} | {acc['mean']:.3f} | {s['mlflow']['run_id']} |")
     create_markdown_artifact(key="training", markdown="# Training\n\n" + "\n".join(rows),
                              description="clean test metrics over folds per training job")
-    return {"data": data, "train": trained}
+    evaluated = evaluate_task(params)
+    return {"data": data, "train": trained, "evaluate": evaluated}
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -14,7 +14,8 @@ from conftest import REPO, stage_overrides
 
 CLI = [str(Path(sys.executable).parent / "ctharden")]
 COMMANDS = [[], ["ingest"], ["ingest", "lidc"], ["ingest", "covid"], ["ingest", "synthetic"], ["validate"],
-            ["stage"], ["stage", "ingest"], ["stage", "validate"], ["stage", "data-version"]]
+            ["stage"], ["stage", "ingest"], ["stage", "validate"], ["stage", "data-version"], ["stage", "train"],
+            ["stage", "evaluate"], ["evaluate"], ["train"], ["study"], ["study", "architectures"]]
 
 
 def run(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
@@ -65,3 +66,15 @@ def test_lidc_count_only_prints_the_funnel() -> None:
     r = run("ingest", "lidc", "--root", "data/lidc_idri_sample", "--count-only")
     assert r.returncode == 0, r.stderr
     assert "nodules_ge3mm" in r.stdout and "1226" in r.stdout and "counted here: 6 nodules" in r.stdout
+
+
+def test_evaluate_refuses_untrained_jobs_and_half_given_options(tmp_path: Path) -> None:
+    over = [a for o in stage_overrides(tmp_path) for a in ("--set", o)]
+    r = run("--profile", "smoke", *over, "evaluate", "nodule3d")
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert "has not been validated" in r.stderr or "has not been trained" in r.stderr, r.stderr
+    assert not (tmp_path / "metrics" / "robustness.json").exists(), "nothing written on failure"
+    r = run("evaluate", "--model", str(tmp_path / "m.pt"))
+    assert r.returncode != 0 and "--data" in r.stderr
+    r = run("--set", "robustness.defaults.random.k=0", "--profile", "smoke", *over, "stage", "evaluate")
+    assert r.returncode == 1 and "robustness.random.k" in r.stderr, r.stderr

@@ -51,6 +51,20 @@ def test_flow_ingests_validates_and_publishes_artifact(harness: None, tmp_path: 
     md = asyncio.run(artifact())
     assert "| lidc | 1 | passed |" in md and "synthetic_nodule3d" in md
 
+    # the evaluate task: same metrics file as the stage, and its markdown artifact
+    evaluated = result["evaluate"]["metrics"]
+    assert set(evaluated) == {"nodule3d", "covid2d"}
+    on_disk = json.loads((tmp_path / "metrics" / "robustness.json").read_text())
+    assert on_disk["nodule3d"]["headline"] == evaluated["nodule3d"]["headline"]
+
+    async def robustness_artifact() -> str:
+        async with get_client() as client:
+            arts = await client.read_artifacts()
+        return next(a.data for a in arts if a.key == "robustness")
+
+    rmd = asyncio.run(robustness_artifact())
+    assert "## nodule3d" in rmd and "## covid2d" in rmd and "10 mAs" in rmd
+
 
 @pytest.mark.slow
 def test_flow_fails_on_bad_input_without_retrying(harness: None, tmp_path: Path) -> None:

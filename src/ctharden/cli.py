@@ -31,6 +31,8 @@ stage_app = typer.Typer(help="Pipeline stages configured by params.yaml (what dv
                         no_args_is_help=True)
 app.add_typer(ingest_app, name="ingest")
 app.add_typer(stage_app, name="stage")
+study_app = typer.Typer(help="Studies that reproduce the papers' protocols on the configured data.", no_args_is_help=True)
+app.add_typer(study_app, name="study")
 
 out_console = Console()
 err_console = Console(stderr=True)
@@ -200,27 +202,80 @@ def _print_training(summary: dict[str, Any]) -> None:
 
 @app.command("evaluate")
 def evaluate_cmd(
-    model: Annotated[str, typer.Option(help="Model file, MLflow run id, runs:/ID or models:/NAME/VERSION|@ALIAS.")],
-    data: Annotated[Path, typer.Option(help="Dataset directory (any source).")],
-    split: Annotated[str, typer.Option(help="all | train | test")] = "all",
-    validation: Annotated[
-        Path | None, typer.Option(help="The dataset's validation dir; default: validate now.")
+    jobs: Annotated[
+        list[str] | None, typer.Argument(help="Trained jobs to evaluate for robustness (default: all in train.jobs).")
     ] = None,
-    out: Annotated[Path | None, typer.Option(help="Write the metrics JSON here.")] = None,
-    plots: Annotated[Path | None, typer.Option(help="Write ROC/confusion plots here.")] = None,
+    model: Annotated[
+        str | None, typer.Option(help="Instead of jobs: model file, MLflow run id, runs:/ID or models:/NAME/VERSION|@ALIAS.")
+    ] = None,
+    data: Annotated[Path | None, typer.Option(help="With --model: dataset directory (any source).")] = None,
+    split: Annotated[str, typer.Option(help="With --model --clean-only: all | train | test")] = "all",
+    validation: Annotated[
+        Path | None, typer.Option(help="With --model: the dataset's validation dir; default: validate now.")
+    ] = None,
+    out: Annotated[Path | None, typer.Option(help="With --model: write the metrics JSON here.")] = None,
+    plots: Annotated[Path | None, typer.Option(help="With --model --clean-only: write ROC/confusion plots here.")] = None,
+    clean_only: Annotated[bool, typer.Option(help="With --model: clean metrics only (no attacks).")] = False,
+    settings_of: Annotated[
+        str | None, typer.Option("--settings-of", help="With --model: use this job's robustness settings.")
+    ] = None,
+    report: Annotated[Path | None, typer.Option(help="With --model: write the robustness report here (a directory).")] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
 ) -> None:
-    """Clean metrics (AUC, accuracy, sensitivity, specificity) of a trained model on any dataset."""
-    from ctharden.evaluate.external import evaluate_model
+    """Robustness evaluation: random/optimised NPS attacks (SAN/SAR), 100-PGD with sanity checks, report.
+
+    Without --model: the configured jobs, writing metrics/robustness.json, plots/robustness/,
+    reports/robustness/index.html and logging to each job's MLflow run (what `dvc repro` runs).
+    With --model and --data: any model on any dataset (clean metrics with --clean-only).
+    """
     from ctharden.io import atomic_write_json
     from ctharden.tracking import configure, tracking_from_params
 
+    if model is None:
+        if data is not None:
+            raise typer.BadParameter("--data needs --model", param_hint="--data")
+        from ctharden.evaluate.stage import run_evaluation
+
+        _print_robustness(run_evaluation(state.params(), jobs or None))
+        return
+    if data is None:
+        raise typer.BadParameter("--model needs --data", param_hint="--data")
+    if jobs:
+        raise typer.BadParameter("give either jobs or --model, not both", param_hint="JOBS")
     if not Path(model).is_file():
         configure(tracking_from_params(state.params()))
-    result = evaluate_model(model, data, split=split, validation_dir=validation, device=device, plots_dir=plots)
+    if clean_only:
+        from ctharden.evaluate.external import evaluate_model
+
+        result = evaluate_model(model, data, split=split, validation_dir=validation, device=device, plots_dir=plots)
+    else:
+        from ctharden.evaluate.external import evaluate_model_robustness
+
+        result = evaluate_model_robustness(
+            model, data, state.params(), validation_dir=validation, settings_of=settings_of,
+            report_dir=report or Path("reports") / "robustness" / "external",
+        )
     if out is not None:
         atomic_write_json(out, result)
     out_console.print_json(json.dumps(result, default=str))
+
+
+def _print_robustness(summary: dict[str, Any]) -> None:
+    from ctharden.evaluate.report import markdown_table, pgd_rows, table2_rows
+
+    for job, res in summary["metrics"].items():
+        table = Table(title=f"{job}: SAN/N (%) under NPS noise")
+        header, rows = table2_rows(res)
+        for h in header:
+            table.add_column(h, justify="right")
+        for r in rows:
+            table.add_row(*r)
+        out_console.print(table)
+        out_console.print(markdown_table(*pgd_rows(res)))
+        verdict = "[green]pass[/]" if res["sanity_passed"] else "[bold red]FAIL[/] " + ", ".join(
+            f"{n}: {s['flags']}" for n, s in res["sanity"].items() if not s["passed"])
+        out_console.print(f"sanity checks: {verdict}   ({res['seconds']['total']:.0f} s)")
+    out_console.print(f"report: {summary['report']['html']}")
 
 
 @stage_app.command("train")
@@ -229,6 +284,34 @@ def stage_train(job: Annotated[str, typer.Argument(help="Training job from param
     from ctharden.train.job import run_training_job
 
     _print_training(run_training_job(state.params(), job))
+
+
+@study_app.command("architectures")
+def study_architectures(
+    job: Annotated[str, typer.Option(help="Base training job whose data and settings every variant uses.")] = "nodule3d",
+    variants: Annotated[
+        str | None, typer.Option(help="Comma-separated architectures (default: the Table 3 variants of the job's arch).")
+    ] = None,
+    mas: Annotated[float, typer.Option(help="mAs level of the random NPS attacks.")] = 100.0,
+    k: Annotated[int | None, typer.Option(help="Perturbations per sample (default: robustness random.k).")] = None,
+    out: Annotated[Path, typer.Option(help="Output directory (models, table.md, study.json).")] = Path(
+        "reports/architecture_study"),
+) -> None:
+    """shen 2020 Table 3: train each architecture variant, random NPS attacks at one mAs, SAN/N per split."""
+    from ctharden.evaluate.architectures import format_study, run_architecture_study
+
+    names = [v.strip() for v in variants.split(",") if v.strip()] if variants else None
+    study = run_architecture_study(state.params(), job=job, variants=names, mas=mas, k=k, out=out)
+    out_console.print(format_study(study))
+    out_console.print(f"written: {out / 'table.md'}, {out / 'study.json'} ({study['seconds']} s)")
+
+
+@stage_app.command("evaluate")
+def stage_evaluate() -> None:
+    """Robustness evaluation of every trained job and the report (a dvc.yaml stage)."""
+    from ctharden.evaluate.stage import run_evaluation
+
+    _print_robustness(run_evaluation(state.params()))
 
 
 @stage_app.command("ingest")

@@ -337,14 +337,26 @@ def default_step_size(eps: Tensor, steps: int, norm: str = "linf") -> Tensor:
 class RunTrace:
     """What one PGD run (one loss, one restart) did: for the sanity checks.
 
-    ``loss_first``/``loss_last``: per-sample loss at the start and at the last iterate;
-    ``best_curve``: mean best-so-far loss after each of the ``steps + 1`` iterates.
+    ``loss_first``/``loss_last``: per-sample loss at the start and at the last iterate (NaN for
+    samples the run never attacked); ``best_steps``: the per-sample best-so-far loss after each of
+    the ``steps + 1`` iterates (``(N,)`` each); ``best_curve``: its mean over attacked samples.
     """
 
     loss: str
     loss_first: Tensor
     loss_last: Tensor
-    best_curve: list[float] = field(default_factory=list)
+    best_steps: list[Tensor] = field(default_factory=list)
+
+    @property
+    def best_curve(self) -> list[float]:
+        seen = torch.isfinite(self.loss_first)
+        if not bool(seen.any()):
+            return []
+        return [float(b[seen].clamp_min(-1e30).mean()) for b in self.best_steps]
+
+    def select(self, sl: slice) -> RunTrace:
+        """The trace of a block of samples."""
+        return RunTrace(self.loss, self.loss_first[sl], self.loss_last[sl], [b[sl] for b in self.best_steps])
 
 
 def _run(
@@ -407,9 +419,7 @@ def _run(
             if trace is not None:
                 if t == 0:
                     trace.loss_first[idx] = lv
-                seen = torch.isfinite(trace.loss_first)
-                if bool(seen.any()):
-                    trace.best_curve.append(float(best_loss[seen].clamp_min(-1e30).mean()))
+                trace.best_steps.append(best_loss.clone())
             if not last:
                 xa[idx] = project(xs + _view(alpha[idx], xs) * _ascent_direction(grad, norm), xs0, b.eps[idx], norm, b.clip)
             if early_stop:

@@ -83,3 +83,43 @@ def evaluate_model(
         write_dvc_plots(plots_dir, y, scores, sample_ids=data.sample_ids)
         result["plots"] = str(plots_dir)
     return result
+
+
+def evaluate_model_robustness(
+    model_ref: str,
+    dataset_dir: str | Path,
+    params: dict[str, Any],
+    *,
+    validation_dir: str | Path | None = None,
+    settings_of: str | None = None,
+    report_dir: str | Path,
+) -> dict[str, Any]:
+    """Robustness evaluation of any model on any (validated) dataset, with a report in ``report_dir``.
+
+    Settings: ``robustness.defaults`` merged with ``robustness.jobs.<settings_of>`` when given.
+    """
+    from ctharden.config import section
+    from ctharden.evaluate.robustness import evaluate_robustness, load_eval_data
+    from ctharden.evaluate.settings import job_settings
+    from ctharden.evaluate.stage import _noise_model, write_job_figures, write_report
+    from ctharden.tracking import load_model_ref
+
+    dataset_dir = Path(dataset_dir)
+    ensure_dataset_valid(dataset_dir, Path(validation_dir) if validation_dir else None)
+    model, meta = load_model_ref(model_ref)
+    data = load_eval_data(dataset_dir, model)
+    settings = job_settings(params, settings_of or "").for_width(int(data.x_attack.shape[-1]))
+    result, visuals = evaluate_robustness(model, data, settings, seed=int(section(params, "seed")),
+                                          nps=_noise_model(params))
+    name = Path(str(model_ref)).name
+    result.update({
+        "job": name, "dataset": dataset_dir.name, "dataset_dir": str(dataset_dir),
+        "dataset_hash": data.info["content_hash"],
+        "model": {"file": str(model_ref), "arch": model.arch, "mlflow_run_id": meta.get("mlflow_run_id"),
+                  "config": model.config()},
+    })
+    report_dir = Path(report_dir)
+    figures = write_job_figures(result, visuals, model, report_dir / "plots", report_dir / "figures")
+    report = write_report(report_dir, {name: result}, {name: figures}, params.get("profile"))
+    result["report"] = str(report["html"])
+    return result

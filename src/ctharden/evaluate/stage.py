@@ -1,0 +1,209 @@
+"""The ``evaluate`` stage: robustness evaluation of every trained job, one report for all of them.
+
+What ``ctharden stage evaluate`` / ``ctharden evaluate`` / the flow's evaluate task run::
+
+    results = run_evaluation(params)               # every job in train.jobs (or a list)
+
+For each job: load its selected model (and the other fold models when ``models: folds``) from
+``artifacts/models/<job>``, refuse a dataset whose validation record does not match it, run
+:func:`~ctharden.evaluate.robustness.evaluate_robustness`, write the job's DVC plot data and
+figures, and log metrics and files to the job's MLflow training run. Then, for all jobs together:
+``metrics/robustness.json`` (DVC metrics), ``reports/robustness/index.html`` (the report),
+``reports/robustness/summary.md`` (what the Prefect artifact and CI show) and the shared figures.
+Every file is written atomically; ``metrics/robustness.json`` last, so a failed run leaves the
+previous metrics in place.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ctharden import pipeline
+from ctharden.config import section
+from ctharden.errors import DataError
+from ctharden.evaluate.robustness import EvalData, evaluate_robustness, load_eval_data
+from ctharden.evaluate.settings import RobustnessSettings, job_settings
+from ctharden.io import atomic_write_json, atomic_write_text
+
+log = logging.getLogger(__name__)
+ROBUSTNESS_ARTIFACTS = "robustness"
+
+
+def evaluation_paths(params: dict[str, Any]) -> dict[str, Path]:
+    """Where the stage writes: metrics JSON, plot data root, report directory."""
+    return {
+        "metrics": Path(section(params, "paths.metrics")) / "robustness.json",
+        "plots": Path(section(params, "paths.plots")) / "robustness",
+        "reports": Path(section(params, "paths.reports")) / "robustness",
+    }
+
+
+def _noise_model(params: dict[str, Any]) -> Any:
+    from ctharden.noise import NoiseConfig
+
+    return NoiseConfig.from_params(section(params, "robustness").get("noise")).build()
+
+
+def load_job_models(params: dict[str, Any], job: str) -> tuple[torch.nn.Module, list[torch.nn.Module], dict[str, Any]]:
+    """The job's selected model, its other fold models and its training summary."""
+    from ctharden.checkpoint import load_model
+    from ctharden.train.job import job_dirs
+
+    dirs = job_dirs(params, job)
+    if not dirs["metrics"].is_file():
+        raise DataError(f"job {job!r} has not been trained: {dirs['metrics']} not found (run `ctharden stage train {job}`)")
+    summary = pipeline.load_json(dirs["metrics"])
+    model_file = Path(summary["model_file"])
+    if not model_file.is_file():
+        raise DataError(f"job {job!r}: model file {model_file} not found (re-run `ctharden stage train {job}`)")
+    model, _ = load_model(model_file)
+    others = []
+    for f in summary["folds"]:
+        if f["fold"] != summary["selected_fold"]:
+            path = dirs["models"] / f"fold{f['fold']}" / "model.pt"
+            if path.is_file():
+                others.append(load_model(path)[0])
+    return model, others, summary
+
+
+def evaluate_job(params: dict[str, Any], job: str) -> tuple[dict[str, Any], dict[str, Any], torch.nn.Module, EvalData]:
+    """Evaluate one trained job; returns ``(result, visuals, model, data)``."""
+    from ctharden.data.validation import require_validated
+    from ctharden.train.job import job_config
+
+    t0 = time.perf_counter()
+    cfg = job_config(params, job)
+    ds_dir = pipeline.dataset_dir(params, cfg["dataset"])
+    require_validated(ds_dir, pipeline.validation_dir(params, cfg["dataset"]))
+    model, fold_models, summary = load_job_models(params, job)
+    data = load_eval_data(ds_dir, model)
+    if data.info["content_hash"] != summary["dataset_hash"]:
+        raise DataError(f"job {job!r} was trained on dataset {summary['dataset_hash'][:12]} but {ds_dir} is now "
+                        f"{data.info['content_hash'][:12]}: re-run `ctharden stage train {job}` first")
+    settings: RobustnessSettings = job_settings(params, job).for_width(int(data.x_attack.shape[-1]))
+    result, visuals = evaluate_robustness(
+        model, data, settings, seed=int(section(params, "seed")), fold_models=fold_models,
+        nps=_noise_model(params),
+    )
+    result.update({
+        "job": job, "dataset": cfg["dataset"], "dataset_dir": str(ds_dir), "dataset_hash": data.info["content_hash"],
+        "model": {"file": summary["model_file"], "arch": summary["arch"], "selected_fold": summary["selected_fold"],
+                  "mlflow_run_id": summary["mlflow"]["run_id"], "config": model.config()},
+        "profile": params.get("profile"),
+    })
+    log.info("evaluated %s in %.0f s", job, time.perf_counter() - t0)
+    return result, visuals, model, data
+
+
+def write_job_figures(result: dict[str, Any], visuals: dict[str, Any], model: torch.nn.Module, plots_dir: Path,
+                      report_dir: Path) -> dict[str, Path | None]:
+    """The job's DVC plot CSVs and its figures (SAR curves, examples, attention)."""
+    from ctharden.evaluate.attention import save_attention_figure
+    from ctharden.evaluate.report import plot_examples, plot_sar_curves, write_plot_data
+
+    name = result["job"]
+    write_plot_data(result, plots_dir)
+    figs: dict[str, Path | None] = {
+        "SAR curves (shen 2020, Figs 7-8)": plot_sar_curves(result, report_dir / "sar_curves.png", title=name),
+        "Examples: clean, NPS noise, optimised NPS perturbation, PGD": plot_examples(
+            visuals, report_dir / "examples.png", spatial_dims=int(model.spatial_dims), title=name),
+    }
+    ex = visuals.get("examples") or []
+    if ex:
+        # attention on the clean sample vs its PGD example (or its optimised NPS image)
+        e = next((e for e in ex if (e["scores"]["pgd"] > 0.5) != (e["scores"]["clean"] > 0.5)), ex[0])
+        attacked = e["pgd"] if (e["scores"]["pgd"] > 0.5) != (e["scores"]["clean"] > 0.5) else e["optimized"]
+        figs["Attention (shen 2020, section 2.4): clean vs attacked"] = save_attention_figure(
+            model, e["clean"][None], attacked[None], report_dir / "attention.png",
+            titles=("clean", "attacked"),
+        )
+    return figs
+
+
+def headline_metrics(result: dict[str, Any]) -> dict[str, float]:
+    """Flat scalar metrics of one job (MLflow metric names; the gate reads the same values)."""
+    out: dict[str, float] = {}
+    for key, short in (("random_nps", "random"), ("optimized_nps", "optimized")):
+        for split, block in result[key].items():
+            for lv in block["levels"].values():
+                out[f"robust_{short}_{split}_san_rate_mas{lv['mas']:g}"] = float(lv["san_rate"])
+    for norm, c in result["pgd"].items():
+        out[f"robust_pgd_{norm}_auc"] = float(c["auc"])
+        for e, a in zip(c["eps"], c["accuracy"], strict=True):
+            out[f"robust_pgd_{norm}_acc_eps{e:g}"] = float(a)
+    out["robust_sanity_passed"] = float(result["sanity_passed"])
+    if result["clean"].get("test", {}).get("auc") is not None:
+        out["robust_clean_test_auc"] = float(result["clean"]["test"]["auc"])
+    return out
+
+
+def log_to_mlflow(params: dict[str, Any], result: dict[str, Any], files: list[Path]) -> str | None:
+    """Log the job's headline metrics, result JSON and report files to its MLflow training run."""
+    import mlflow
+
+    from ctharden.tracking import configure, tracking_from_params
+
+    run_id = result["model"].get("mlflow_run_id")
+    if not run_id:
+        return None
+    configure(tracking_from_params(params))
+    with mlflow.start_run(run_id=run_id):
+        mlflow.log_metrics(headline_metrics(result))
+        mlflow.log_dict(result, f"{ROBUSTNESS_ARTIFACTS}/result.json")
+        for f in files:
+            if f is not None and Path(f).is_file():
+                mlflow.log_artifact(str(f), ROBUSTNESS_ARTIFACTS)
+        mlflow.set_tag("ctharden.robustness.sanity_passed", str(result["sanity_passed"]))
+    return run_id
+
+
+def write_report(rep: Path, results: dict[str, dict[str, Any]],
+                 job_figures: dict[str, dict[str, Path | None]], profile: str | None = None) -> dict[str, Path]:
+    """Shared figures, the HTML report (``rep/index.html``) and the markdown summary for all
+    evaluated models (``results`` and ``job_figures`` keyed by the same names)."""
+    from ctharden.evaluate.report import plot_robust_accuracy, plot_san_vs_mas, render_html, summary_markdown
+
+    shared = {
+        "SAN/N vs mAs": plot_san_vs_mas(results, rep / "san_vs_mas.png"),
+        "Robust accuracy vs ε": plot_robust_accuracy(results, rep / "robust_accuracy.png"),
+    }
+    notes = [
+        f"profile {profile}; NPS attacks count a sample as attacked when its fp32 label changes; "
+        "PGD ε in model-input units ([0, 1]) and HU; every sanity check runs with the evaluation.",
+    ]
+    for name, res in results.items():
+        if res["settings"].get("hu_per_unit") and res["model"]["config"].get("window_hu") is None:
+            notes.append(f"{name}: images carry no HU; noise is added in HU through an assumed display window of "
+                         f"{res['settings']['hu_per_unit']:g} HU per unit and {res['settings']['spacing_mm']:.3g} mm pixels.")
+    html_path = atomic_write_text(rep / "index.html", render_html(results, {"": shared, **job_figures}, notes=notes))
+    md_path = atomic_write_text(rep / "summary.md", summary_markdown(results, html_path))
+    return {"html": html_path, "summary": md_path, **{k: v for k, v in shared.items() if v is not None}}
+
+
+def run_evaluation(params: dict[str, Any], jobs: list[str] | None = None, *, log_mlflow: bool = True) -> dict[str, Any]:
+    """Evaluate ``jobs`` (default: every training job) and write all outputs; returns the metrics."""
+    from ctharden.train.job import job_names
+
+    names = jobs or job_names(params)
+    paths = evaluation_paths(params)
+    results: dict[str, dict[str, Any]] = {}
+    figures: dict[str, dict[str, Path | None]] = {}
+    for job in names:
+        result, visuals, model, _ = evaluate_job(params, job)
+        figures[job] = write_job_figures(result, visuals, model, paths["plots"] / job, paths["reports"] / job)
+        results[job] = result
+    report = write_report(paths["reports"], results, figures, params.get("profile"))
+    if log_mlflow:
+        for job, result in results.items():
+            files = [report["html"], report["summary"], *figures[job].values()]
+            result["mlflow_run_id"] = log_to_mlflow(params, result, files)
+    metrics = {job: {"headline": headline_metrics(r), **r} for job, r in results.items()}
+    if jobs and paths["metrics"].is_file():  # a subset of the jobs: keep the others' last metrics
+        metrics = {**pipeline.load_json(paths["metrics"]), **metrics}
+    atomic_write_json(paths["metrics"], metrics)
+    return {"metrics": metrics, "report": {k: str(v) for k, v in report.items()}}

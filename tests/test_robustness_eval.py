@@ -1,0 +1,208 @@
+"""The robustness evaluation as a whole: settings, the result, the report files (they exist and
+parse), the stage outputs and MLflow logging, and a gradient-masking model failing the sanity
+verdict of the evaluation."""
+
+from __future__ import annotations
+
+import csv
+import json
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import Tensor, nn
+
+from ctharden.config import load_params
+from ctharden.data.synthetic import generate_synthetic
+from ctharden.errors import ConfigError
+from ctharden.evaluate.robustness import EvalData, evaluate_robustness, load_eval_data, stratified_subset
+from ctharden.evaluate.settings import job_settings, parse_settings
+from ctharden.evaluate.stage import headline_metrics, write_job_figures, write_report
+from ctharden.models import build_model
+from ctharden.train.data import ArraySet
+from ctharden.train.loop import TrainConfig, train_fold
+from conftest import REPO
+
+SETTINGS = {
+    "mas_levels": [10, 100, 500],
+    "splits": ["train", "test"],
+    "max_samples": None,
+    "spacing_mm": 1.0,
+    "examples": 1,
+    "random": {"k": 3},
+    "optimized": {"restarts": 1, "n_iter": 3, "max_samples": 6},
+    "pgd": {"steps": 20, "linf": [0.003, 0.02], "l2": [0.3], "max_samples": 8, "n_random": 2},
+}
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("robust") / "synth"
+    generate_synthetic("nodule3d", out, n=32, seed=3, n_folds=2, test_fraction=0.25)
+    return out
+
+
+@pytest.fixture(scope="module")
+def model(dataset: Path) -> nn.Module:
+    torch.manual_seed(0)
+    m = build_model("nodule3d", spatial_dims=3, window_hu=(-1000.0, 400.0), width=4)
+    data = load_eval_data(dataset, m)
+    tr = data.indices("train")
+    train = ArraySet(data.x[tr], data.y[tr], data.y[tr].float(), [data.sample_ids[i] for i in tr], None)  # type: ignore[arg-type]
+    cfg = TrainConfig(seed=0, epochs=4, batch_size=8, lr=3e-3, shift_vox=0, rotate_deg=0, select_on="last")
+    from ctharden.device import select_runtime
+
+    result = train_fold(m, train, None, cfg, select_runtime("cpu", "fp32"), dataset.parent / "ckpt" / "last.pt",
+                        fold=0, data_hash="x", progress=False)
+    m.load_state_dict(result.best_state)
+    return m.eval()
+
+
+@pytest.fixture(scope="module")
+def evaluated(model: nn.Module, dataset: Path) -> tuple[dict, dict, EvalData]:
+    data = load_eval_data(dataset, model)
+    result, visuals = evaluate_robustness(model, data, parse_settings(SETTINGS), seed=7)
+    return result, visuals, data
+
+
+def test_result_has_every_part_and_is_json(evaluated: tuple[dict, dict, EvalData]) -> None:
+    result, visuals, data = evaluated
+    result = json.loads(json.dumps(result))
+    n = {s: len(data.indices(s)) for s in ("train", "test")}
+    for key in ("random_nps", "optimized_nps"):
+        assert set(result[key]) == {"train", "test"}
+        for split, block in result[key].items():
+            assert [lv["mas"] for lv in block["levels"].values()] == [10.0, 100.0, 500.0]
+            assert block["n"] == (n[split] if key == "random_nps" else min(6, n[split]))
+            for lv in block["levels"].values():
+                assert 0 <= lv["san_rate"] <= 100
+                curve = lv["sar_above"]["percent_of_samples_with_sar_above_level"]
+                assert curve[0] == pytest.approx(lv["san_rate"])
+    # random: one noise draw scaled per level, so lower dose never flips fewer samples here
+    rates = [lv["san_rate"] for lv in result["random_nps"]["test"]["levels"].values()]
+    assert rates == sorted(rates, reverse=True)
+    for norm in ("linf", "l2"):
+        c = result["pgd"][norm]
+        assert c["eps"][0] == 0.0 and c["n"] == 8
+        assert all(a >= b - 1e-9 for a, b in zip(c["accuracy"], c["accuracy"][1:]))
+        assert c["eps_hu"] == pytest.approx([1400.0 * e for e in c["eps"]])
+        assert 0.0 <= c["auc"] <= 1.0
+    assert set(result["sanity"]) == {"linf", "l2"}
+    assert result["sanity_passed"] == all(s["passed"] for s in result["sanity"].values())
+    assert result["clean"]["test"]["auc"] is not None
+    ex = visuals["examples"]
+    assert len(ex) == 1 and ex[0]["clean"].shape == data.x.shape[1:]
+    flat = headline_metrics(result)
+    assert flat["robust_random_test_san_rate_mas10"] == rates[0]
+    assert all(isinstance(v, float) for v in flat.values())
+
+
+class _Collector(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.tags: list[str] = []
+        self.text: list[str] = []
+        self.images = 0
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.tags.append(tag)
+        if tag == "img" and dict(attrs).get("src", "").startswith("data:image/png;base64,"):
+            self.images += 1
+
+    def handle_data(self, data: str) -> None:
+        self.text.append(data)
+
+
+def test_report_files_exist_and_parse(evaluated: tuple[dict, dict, EvalData], model: nn.Module, tmp_path: Path) -> None:
+    result, visuals, _ = evaluated
+    result = {**result, "job": "tiny", "model": {"file": "tiny.pt", "arch": "nodule3d", "config": model.config()}}
+    figs = write_job_figures(result, visuals, model, tmp_path / "plots", tmp_path / "report" / "tiny")
+    out = write_report(tmp_path / "report", {"tiny": result}, {"tiny": figs}, "test")
+    for p in [*figs.values(), out["SAN/N vs mAs"], out["Robust accuracy vs ε"]]:
+        with Image.open(p) as im:
+            assert im.format == "PNG" and im.size[0] > 100
+    parser = _Collector()
+    parser.feed(Path(out["html"]).read_text())
+    text = " ".join(parser.text)
+    assert parser.tags.count("table") >= 4 and parser.images >= 5
+    for needle in ("10 mAs", "500 mAs", "random", "optimized", "large_eps_chance", "Clean metrics", "ε (HU)"):
+        assert needle in text, needle
+    md = Path(out["summary"]).read_text()
+    assert md.count("|---|") >= 2 and "## tiny" in md
+    with open(tmp_path / "plots" / "san_vs_mas.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [float(r["mas"]) for r in rows] == [10.0, 100.0, 500.0]
+    assert set(rows[0]) == {"mas", "random_train", "random_test", "optimized_train", "optimized_test"}
+    with open(tmp_path / "plots" / "robust_accuracy_linf.csv", newline="") as f:
+        acc = list(csv.DictReader(f))
+    assert float(acc[0]["eps"]) == 0.0 and float(acc[-1]["eps_hu"]) == pytest.approx(28.0)
+    with open(tmp_path / "plots" / "sar_above_random_test.csv", newline="") as f:
+        sar = list(csv.DictReader(f))
+    assert len(sar) == 21 and set(sar[0]) == {"sar_level", "mas10", "mas100", "mas500"}
+
+
+class Rounding(nn.Module):
+    """Gradient masking: quantise the input to 8 levels before the classifier (zero gradient)."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+        self.window_hu, self.spatial_dims, self.output, self.arch = net.window_hu, 3, net.output, "rounded"
+
+    def to_input(self, raw: Tensor) -> Tensor:
+        return self.net.to_input(raw)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(torch.round(x * 8) / 8)
+
+
+def test_evaluation_flags_a_gradient_masking_model(model: nn.Module, dataset: Path) -> None:
+    masked = Rounding(model)
+    data = load_eval_data(dataset, masked)
+    cfg = {**SETTINGS, "pgd": {**SETTINGS["pgd"], "linf": [0.01, 0.05], "l2": []}, "examples": 0}
+    result, _ = evaluate_robustness(masked, data, parse_settings(cfg), seed=1)
+    assert result["sanity_passed"] is False
+    assert "zero_gradient" in result["sanity"]["linf"]["flags"]
+
+
+def test_stratified_subset_keeps_class_shares() -> None:
+    y = np.array([0] * 30 + [1] * 10)
+    idx = stratified_subset(y, 8, seed=1)
+    assert len(idx) == 8 and list(idx) == sorted(idx)
+    assert (y[idx] == 1).sum() == 2
+    assert np.array_equal(idx, stratified_subset(y, 8, seed=1))
+    assert len(stratified_subset(y, None, 0)) == 40
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"colour": 1}, "unknown keys"),
+        ({"mas_levels": [10, -5]}, "mas_levels"),
+        ({"mas_levels": [10, 10]}, "duplicates"),
+        ({"splits": ["val"]}, "splits"),
+        ({"random": {"k": 0}}, "random.k"),
+        ({"pgd": {"linf": [], "l2": []}}, "linf and/or l2"),
+        ({"pgd": {"loss": "hinge", "linf": [0.1]}}, "pgd.loss"),
+        ({"optimized": {"autocast": "yes"}}, "optimized.autocast"),
+        ({"models": "best"}, "models"),
+    ],
+)
+def test_bad_settings_are_config_errors(change: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        parse_settings({**SETTINGS, **change})
+
+
+def test_params_profiles_give_valid_settings() -> None:
+    for profile in (None, "smoke", "paper"):
+        params = load_params(REPO / "params.yaml", profile, [])
+        for job in params["train"]["jobs"]:
+            s = job_settings(params, job)
+            assert s.mas_levels == [10, 50, 100, 200, 500]
+    params = load_params(REPO / "params.yaml", None, [])
+    assert job_settings(params, "covid2d").for_width(224).spacing_mm == pytest.approx(350 / 224)
+    with pytest.raises(ConfigError, match="unknown job"):
+        job_settings(params, "nope")
