@@ -17,7 +17,7 @@ def test_default_profile_runs_small() -> None:
     p = load_params(PARAMS)
     assert p["profile"] == "default"
     assert "profiles" not in p
-    assert p["split"]["n_folds"] == 5 and p["robustness"]["n_random"] < 50
+    assert p["split"]["n_folds"] == 5 and p["robustness"]["defaults"]["random"]["k"] < 50
 
 
 def test_paper_profile_has_the_papers_settings(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -28,7 +28,9 @@ def test_paper_profile_has_the_papers_settings(monkeypatch: pytest.MonkeyPatch) 
     d = p["train"]["defaults"]
     assert (d["epochs"], d["batch_size"], d["lr"], d["folds"]) == (500, 64, 1e-5, "all")
     assert p["train"]["jobs"]["nodule3d"]["arch_kwargs"]["width"] == 64 and d["loss"] == "mse"
-    assert p["robustness"]["n_random"] == 50
+    rob = p["robustness"]["defaults"]
+    assert rob["random"]["k"] == rob["optimized"]["restarts"] == 50 and rob["models"] == "folds"
+    assert p["datasets"]["covid"]["size"] == 224
     assert p["datasets"]["lidc"]["cube_size"] == 32, "untouched keys survive the deep merge"
 
 

@@ -190,6 +190,8 @@ def run_evaluation(params: dict[str, Any], jobs: list[str] | None = None, *, log
     from ctharden.train.job import job_names
 
     names = jobs or job_names(params)
+    for job in names:  # bad settings fail before any work
+        job_settings(params, job)
     paths = evaluation_paths(params)
     results: dict[str, dict[str, Any]] = {}
     figures: dict[str, dict[str, Path | None]] = {}
