@@ -177,7 +177,7 @@ def _level(mas: float, counts: Tensor, k: int) -> NPSLevelResult:
 # inputs
 
 
-class _InputMap:
+class InputMap:
     """``(x, p_hu) -> model input`` (see "Units and inputs" in the module docstring)."""
 
     def __init__(self, model: nn.Module, hu_per_unit: float | None) -> None:
@@ -250,7 +250,7 @@ def _check_float(name: str, value: Any, *, positive: bool) -> float:
     return v
 
 
-def _clean(model: nn.Module, x: Tensor, imap: _InputMap, batch_size: int) -> tuple[OutputAdapter, Tensor]:
+def _clean(model: nn.Module, x: Tensor, imap: InputMap, batch_size: int) -> tuple[OutputAdapter, Tensor]:
     """Adapter and fp32 canonical clean outputs ``z`` (needs :func:`attack_mode` active)."""
     zs: list[Tensor] = []
     adapter: OutputAdapter | None = None
@@ -322,7 +322,7 @@ def random_nps_attack(
     x = _check_inputs(model, x_hu, spacing_mm)
     n = x.shape[0]
     nps_model, ref = _nps_and_ref(nps)
-    imap = _InputMap(model, hu_per_unit)
+    imap = InputMap(model, hu_per_unit)
     scales = [math.sqrt(ref / m) for m in levels]
     counts = torch.zeros((len(levels), n), dtype=torch.long, device=x.device)
     with attack_mode(model), torch.inference_mode(), _autocast(x.device, False):
@@ -391,7 +391,7 @@ def optimized_nps_attack(
     x = _check_inputs(model, x_hu, spacing_mm)
     n = x.shape[0]
     nps_model, _ = _nps_and_ref(nps)
-    imap = _InputMap(model, hu_per_unit)
+    imap = InputMap(model, hu_per_unit)
     counts = torch.zeros(n, dtype=torch.long, device=x.device)
     finals: list[Tensor] = []
     steps_taken = torch.zeros(n * restarts, dtype=torch.long)

@@ -653,6 +653,16 @@ def predict_broken(model: nn.Module, x: Tensor, y: Tensor, *, output: str | None
         return b.adapter.predict(b.clean_z) != b.y
 
 
+def normalized_area(eps: Sequence[float], accuracy: Sequence[float]) -> float:
+    """Trapezoid area under accuracy(ε) over ``[0, max ε]`` divided by ``max ε`` (sorted ε starting
+    at 0; 1.0 = fully robust over the range); the clean accuracy when max ε = 0."""
+    top = eps[-1]
+    if top <= 0:
+        return float(accuracy[0])
+    area = sum((eps[i + 1] - eps[i]) * (accuracy[i] + accuracy[i + 1]) / 2 for i in range(len(eps) - 1))
+    return float(area / top)
+
+
 def robust_accuracy_curve(
     model: nn.Module,
     x: Tensor,
@@ -682,14 +692,7 @@ def robust_accuracy_curve(
         else:
             _, broken = pgd(model, x, y, e, **pgd_kwargs)
         accuracy.append(1.0 - float(broken.float().mean()))
-    top = values[-1]
-    if top > 0:
-        area = sum(
-            (values[i + 1] - values[i]) * (accuracy[i] + accuracy[i + 1]) / 2 for i in range(len(values) - 1)
-        )
-        auc = area / top
-    else:
-        auc = accuracy[0]
+    auc = normalized_area(values, accuracy)
     return {
         "eps": values,
         "accuracy": accuracy,

@@ -95,7 +95,7 @@ def run_architecture_study(
     ``out/table.md`` and ``out/study.json``; returns the study."""
     from ctharden.checkpoint import load_model
     from ctharden.models import ARCHITECTURES
-    from ctharden.noise import NoiseConfig
+    from ctharden.evaluate.stage import noise_model
     from ctharden.train.job import job_config, run_training_job
 
     t0 = time.perf_counter()
@@ -108,7 +108,7 @@ def run_architecture_study(
     settings = job_settings(params, job)
     k = int(k or settings.random.k)
     sp = study_params(params, job, names, out)
-    nps = NoiseConfig.from_params(section(params, "robustness").get("noise")).build()
+    nps = noise_model(params)
     seed = int(section(params, "seed"))
     rows: list[dict[str, Any]] = []
     for vi, arch in enumerate(names):
@@ -116,9 +116,11 @@ def run_architecture_study(
         summary = run_training_job(sp, name, progress=False)
         ds_dir = pipeline.dataset_dir(sp, summary["dataset"])
         per_split: dict[str, list[float]] = {"train": [], "test": []}
+        data = None
         for f in summary["folds"]:
             model, _ = load_model(Path(sp["paths"]["artifacts"]) / "models" / name / f"fold{f['fold']}" / "model.pt")
-            data = load_eval_data(ds_dir, model)
+            if data is None:  # the folds share the architecture, hence the input units: load once
+                data = load_eval_data(ds_dir, model)
             s = settings.for_width(int(data.x_attack.shape[-1]))
             for si, split in enumerate(("train", "test")):
                 idx = data.indices(split)

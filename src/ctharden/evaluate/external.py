@@ -101,7 +101,7 @@ def evaluate_model_robustness(
     from ctharden.config import section
     from ctharden.evaluate.robustness import evaluate_robustness, load_eval_data
     from ctharden.evaluate.settings import job_settings
-    from ctharden.evaluate.stage import _noise_model, write_job_figures, write_report
+    from ctharden.evaluate.stage import noise_model, write_job_figures, write_report
     from ctharden.tracking import load_model_ref
 
     dataset_dir = Path(dataset_dir)
@@ -110,7 +110,7 @@ def evaluate_model_robustness(
     data = load_eval_data(dataset_dir, model)
     settings = job_settings(params, settings_of or "").for_width(int(data.x_attack.shape[-1]))
     result, visuals = evaluate_robustness(model, data, settings, seed=int(section(params, "seed")),
-                                          nps=_noise_model(params))
+                                          nps=noise_model(params))
     name = Path(str(model_ref)).name
     result.update({
         "job": name, "dataset": dataset_dir.name, "dataset_dir": str(dataset_dir),

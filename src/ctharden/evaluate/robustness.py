@@ -36,7 +36,8 @@ from ctharden.attacks import (
     random_nps_attack,
     run_sanity_checks,
 )
-from ctharden.attacks.nps import NPSAttackResult
+from ctharden.attacks.nps import InputMap, NPSAttackResult
+from ctharden.attacks.pgd import normalized_area
 from ctharden.attacks.nps_metrics import sar_above_curve
 from ctharden.data.dataset import load_arrays, read_info, read_manifest
 from ctharden.errors import DataError
@@ -106,14 +107,14 @@ def _nps_block(results: list[NPSAttackResult], n: int) -> dict[str, Any]:
     levels: dict[str, Any] = {}
     for mas in results[0].mas_levels:
         per_model = [r[mas] for r in results]
-        rates = [lv.san_rate for lv in per_model]
+        spread = _mean_std([lv.san_rate for lv in per_model])
         sel = per_model[0]
         levels[f"mas{mas:g}"] = {
             "mas": mas,
             "san": sel.san,
             "san_rate": sel.san_rate,  # selected model, % of samples
-            "san_rate_mean": _mean_std(rates)["mean"],
-            "san_rate_std": _mean_std(rates)["std"],
+            "san_rate_mean": spread["mean"],
+            "san_rate_std": spread["std"],
             "mean_sar": float(np.mean(sel.sar)),
             "sar_above": sar_above_curve(sel.sar),
         }
@@ -147,8 +148,7 @@ def run_nps_attacks(
     """Random and optimised NPS attacks for every split and model.
 
     Returns ``(random, optimized)``: ``{split: block}`` with the block of :func:`_nps_block`; the
-    first model is the selected one. Also returns nothing else: perturbations for the figures are
-    produced by :func:`example_visuals`.
+    first model is the selected one (the figures' perturbations come from :func:`example_visuals`).
     """
     dev = device or torch.device("cpu")
     random_out: dict[str, Any] = {}
@@ -220,11 +220,9 @@ def run_pgd_evaluation(
         acc = dict(zip(report.curve["eps"], report.curve["accuracy"], strict=True))
         values = [0.0, *eps]
         accuracy = [acc[e] for e in values]
-        top = values[-1]
-        area = sum((values[i + 1] - values[i]) * (accuracy[i] + accuracy[i + 1]) / 2 for i in range(len(values) - 1))
         eps_hu = _eps_hu(model, values, settings)
         curves[norm] = {
-            "eps": values, "eps_hu": eps_hu, "accuracy": accuracy, "auc": area / top,
+            "eps": values, "eps_hu": eps_hu, "accuracy": accuracy, "auc": normalized_area(values, accuracy),
             "n": int(len(sub)), "steps": p.steps, "restarts": p.restarts, "loss": p.loss,
             "large_eps": report.settings["large_eps"], "accuracy_large_eps": acc[report.settings["large_eps"]],
         }
@@ -282,11 +280,7 @@ def example_visuals(
         return {"examples": []}
     nps_model = nps or default_nps()
     mas = min(settings.mas_levels)
-    window = getattr(model, "window_hu", None)
-    hu = 1.0 if window is not None else (settings.hu_per_unit or 1.0)
-
-    def to_input(x_att: Tensor) -> Tensor:
-        return model.to_input(x_att) if window is not None else x_att.clamp(0, 1)
+    to_input = InputMap(model, _nps_inputs(model, settings)["hu_per_unit"])  # (x, p_hu) -> model input
 
     def score(xin: Tensor) -> np.ndarray:
         with attack_mode(model), torch.no_grad():
@@ -299,7 +293,7 @@ def example_visuals(
         x0 = data.x[i : i + 1]
         s0 = score(x0)[0]
         draws = sample_nps_noise((32, *xa.shape[1:]), mas, settings.spacing_mm, nps=nps_model, generator=g)
-        noisy = to_input(xa + draws / hu)
+        noisy = to_input(xa.expand_as(draws), draws)
         s = score(noisy)
         flips = np.nonzero((s > 0.5) != (s0 > 0.5))[0]
         j = int(flips[0]) if len(flips) else 0
@@ -309,7 +303,7 @@ def example_visuals(
             **_nps_inputs(model, settings),
         )
         p_opt = opt.perturbations[mas][0, 0][None]
-        x_opt = to_input(xa + p_opt / hu)
+        x_opt = to_input(xa, p_opt)
         adv, eps_used = x0, None
         for e in settings.pgd.linf or settings.pgd.l2:
             cand, broken = pgd(model, x0, data.y[i : i + 1], e, norm="linf" if settings.pgd.linf else "l2",

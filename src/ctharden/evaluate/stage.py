@@ -43,7 +43,8 @@ def evaluation_paths(params: dict[str, Any]) -> dict[str, Path]:
     }
 
 
-def _noise_model(params: dict[str, Any]) -> Any:
+def noise_model(params: dict[str, Any]) -> Any:
+    """The NPS model configured under ``robustness.noise``."""
     from ctharden.noise import NoiseConfig
 
     return NoiseConfig.from_params(section(params, "robustness").get("noise")).build()
@@ -88,7 +89,7 @@ def evaluate_job(params: dict[str, Any], job: str) -> tuple[dict[str, Any], dict
     settings: RobustnessSettings = job_settings(params, job).for_width(int(data.x_attack.shape[-1]))
     result, visuals = evaluate_robustness(
         model, data, settings, seed=int(section(params, "seed")), fold_models=fold_models,
-        nps=_noise_model(params),
+        nps=noise_model(params),
     )
     result.update({
         "job": job, "dataset": cfg["dataset"], "dataset_dir": str(ds_dir), "dataset_hash": data.info["content_hash"],
