@@ -457,3 +457,20 @@ def run_sanity_checks(
         "n": int(x.shape[0]), "autocast": bf16, "early_stop": bool(early_stop),
     }
     return SanityReport(checks=checks, curve=curve, settings=settings)
+
+
+def pgd_accuracy(
+    model: nn.Module, x: Tensor, y: Tensor, eps_values: Sequence[float], *, norm: str = "linf", steps: int = 100,
+    restarts: int = 1, loss: str = "both", autocast: bool = True, clip: Any = (0.0, 1.0),
+) -> list[float]:
+    """Robust accuracy of ``steps``-PGD at every ε (one batched, early-stopping attack; fp32 verdicts).
+
+    ``x`` ``(N, ...)`` model-input units, ``y`` ``(N,)``; ε in model-input units. ε = 0 gives the
+    clean accuracy. For comparisons (hardening methods, Optuna trials); the evaluation proper runs
+    :func:`run_sanity_checks`, whose curve is the same sweep plus the self-checks.
+    """
+    with attack_mode(model):
+        bf16 = _use_bf16(model, x, autocast)
+    sweep = _pgd_sweep(model, x, y, [float(e) for e in eps_values], norm=norm, steps=steps, restarts=restarts,
+                       loss=loss, clip=clip, bf16=bf16, output=None, early_stop=True)
+    return [1.0 - float(sweep[float(e)][1].float().mean()) for e in eps_values]
