@@ -1,8 +1,10 @@
 """Prefect flows: the same stages as dvc.yaml, calling the same library functions.
 
 - ``data_flow``: ingest and validate every dataset (:mod:`ctharden.pipeline`);
-- ``pipeline_flow``: ``data_flow``, then every training job (:mod:`ctharden.train.job`), then the
-  robustness evaluation of every trained job (:mod:`ctharden.evaluate.stage`) with its report.
+- ``pipeline_flow``: ``data_flow``, then every training job (:mod:`ctharden.train.job`), the
+  robustness evaluation of every trained job (:mod:`ctharden.evaluate.stage`) with its report, the
+  ε search (:mod:`ctharden.tune`), hardening (:mod:`ctharden.train.harden_stage`) and the
+  evaluation of the hardened models next to their baselines.
 
 Run without a server (Prefect starts a temporary local API):
 
@@ -91,19 +93,44 @@ def train_task(params: dict[str, Any], job: str) -> dict[str, Any]:
 
 
 @task(name="evaluate", retries=1, retry_delay_seconds=2, retry_condition_fn=_transient)
-def evaluate_task(params: dict[str, Any]) -> dict[str, Any]:
-    """Robustness evaluation of every trained job (see :func:`ctharden.evaluate.stage.run_evaluation`);
-    publishes the report's summary (Table 2, PGD, sanity verdicts) as a markdown artifact."""
+def evaluate_task(params: dict[str, Any], variant: str = "baseline") -> dict[str, Any]:
+    """Robustness evaluation of every trained (or hardened) job (see
+    :func:`ctharden.evaluate.stage.run_evaluation`); publishes the report's summary (Table 2, PGD,
+    sanity verdicts, baseline vs hardened) as a markdown artifact."""
     from pathlib import Path
 
     from ctharden.evaluate.stage import run_evaluation
 
-    out = run_evaluation(params)
+    out = run_evaluation(params, variant=variant)
     create_markdown_artifact(
-        key="robustness",
+        key="robustness" if variant == "baseline" else "robustness-hardened",
         markdown=Path(out["report"]["summary"]).read_text(),
         description=f"NPS attacks (SAN/N %), 100-PGD robust accuracy and sanity checks; report {out['report']['html']}",
     )
+    return out
+
+
+@task(name="tune", task_run_name="tune-{job}")
+def tune_task(params: dict[str, Any], job: str) -> dict[str, Any]:
+    """The job's training ε by Optuna, seeded by IMA's margins (see :func:`ctharden.tune.tune_job`)."""
+    from ctharden.tune import trials_markdown, tune_job
+
+    out = tune_job(params, job)
+    if out.get("trials"):
+        create_markdown_artifact(key=f"tune-{job.lower()}", markdown=trials_markdown(out),
+                                 description=f"Optuna trials for {job}'s hardening ε")
+    return out
+
+
+@task(name="harden", task_run_name="harden-{job}")
+def harden_task(params: dict[str, Any], job: str) -> dict[str, Any]:
+    """Harden the job's baseline and compare methods (see :func:`ctharden.train.harden_stage.harden_job`)."""
+    from ctharden.train.harden_stage import curves_markdown, harden_job
+
+    out = harden_job(params, job)
+    create_markdown_artifact(key=f"harden-{job.lower()}", markdown=f"# {job}: hardening methods\n\n"
+                             + curves_markdown(out["curves"], out["norm"]),
+                             description=f"100-PGD accuracy vs ε of every hardening method for {job}")
     return out
 
 
@@ -111,8 +138,8 @@ def evaluate_task(params: dict[str, Any]) -> dict[str, Any]:
 def pipeline_flow(
     profile: str | None = None, params_path: str = "params.yaml", overrides: Sequence[str] = ()
 ) -> dict[str, Any]:
-    """Ingest + validate every dataset, train every configured job (sequentially: CPU-bound), then
-    evaluate their robustness."""
+    """Ingest + validate every dataset, train every configured job (sequentially: CPU-bound),
+    evaluate their robustness, tune ε, harden, and evaluate the hardened models."""
     from ctharden.train.job import job_names
 
     data = data_flow(profile=profile, params_path=params_path, overrides=overrides)
@@ -126,7 +153,11 @@ def pipeline_flow(
     create_markdown_artifact(key="training", markdown="# Training\n\n" + "\n".join(rows),
                              description="clean test metrics over folds per training job")
     evaluated = evaluate_task(params)
-    return {"data": data, "train": trained, "evaluate": evaluated}
+    tuned = {job: tune_task(params, job) for job in trained}
+    hardened = {job: harden_task(params, job) for job in trained}
+    evaluated_hardened = evaluate_task(params, "hardened")
+    return {"data": data, "train": trained, "evaluate": evaluated, "tune": tuned, "harden": hardened,
+            "evaluate_hardened": evaluated_hardened}
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -306,12 +306,73 @@ def study_architectures(
     out_console.print(f"written: {out / 'table.md'}, {out / 'study.json'} ({study['seconds']} s)")
 
 
+@study_app.command("moons")
+def study_moons(
+    n_train: Annotated[int, typer.Option(help="Training points (the paper: 20000).")] = 20000,
+    n_test: Annotated[int, typer.Option(help="Test points (the paper: 2000).")] = 2000,
+    epochs: Annotated[int, typer.Option(help="Training epochs per method (the paper: 30).")] = 30,
+    methods: Annotated[str, typer.Option(help="Comma-separated: ce, adv, ima, trades, rand.")] = "ce,adv,ima",
+    noise: Annotated[float, typer.Option(help="make_moons noise (not stated in the paper; ours 0.05).")] = 0.05,
+    out: Annotated[Path, typer.Option(help="Output directory (results.json, table.md, PNGs).")] = Path("reports/moons"),
+    seed: Annotated[int, typer.Option(help="Data, initial weights, batch order and attack seed.")] = 0,
+) -> None:
+    """ma 2020 Moons (section 3.1, Table 1): train each method, L∞ 100-PGD test accuracy per ε."""
+    from ctharden.experiments.moons import run_moons, table_rows
+
+    res = run_moons(n_train=n_train, n_test=n_test, epochs=epochs, methods=methods, noise=noise, seed=seed,
+                    out_dir=out)
+    header, rows = table_rows(res)
+    table = Table(title="Moons: L∞ 100-PGD test accuracy (\"paper:\" rows = ma 2020 Table 1, not measured here)")
+    for i, h in enumerate(header):
+        table.add_column(h, justify="left" if i == 0 else "right")
+    for r in rows:
+        table.add_row(*r, style="dim" if r[0].startswith("paper:") else None)
+    out_console.print(table)
+    out_console.print(f"written: {', '.join(res['files'].values())} ({res['seconds']} s)")
+
+
 @stage_app.command("evaluate")
-def stage_evaluate() -> None:
-    """Robustness evaluation of every trained job and the report (a dvc.yaml stage)."""
+def stage_evaluate(
+    hardened: Annotated[bool, typer.Option("--hardened", help="Evaluate the harden stage's models, next to the baselines.")] = False,
+) -> None:
+    """Robustness evaluation of every trained (or hardened) job and the report (a dvc.yaml stage)."""
     from ctharden.evaluate.stage import run_evaluation
 
-    _print_robustness(run_evaluation(state.params()))
+    _print_robustness(run_evaluation(state.params(), variant="hardened" if hardened else "baseline"))
+
+
+@stage_app.command("tune")
+def stage_tune(
+    job: Annotated[str | None, typer.Argument(help="Training job (default: every job).")] = None,
+) -> None:
+    """Pick each job's hardening ε with Optuna, seeded by IMA's margins (a dvc.yaml stage)."""
+    from ctharden.tune import run_tune
+
+    for name, res in run_tune(state.params(), [job] if job else None).items():
+        if res.get("eps") is None:
+            out_console.print(f"{name}: {res.get('skipped', 'no ε')}")
+            continue
+        best = res["best_trial"]
+        ok = "" if res["feasible"] else "  [bold red](no trial met the clean-AUC floor)[/]"
+        out_console.print(f"{name}: {res['method']} ε = {res['eps']:.4g} (robust acc {best['robust_accuracy']:.3f}, "
+                          f"clean AUC {best['clean_auc']:.3f}; {len(res['trials'])} trials, {res['seconds']:.0f} s){ok}")
+
+
+@stage_app.command("harden")
+def stage_harden(
+    job: Annotated[str | None, typer.Argument(help="Training job (default: every job).")] = None,
+) -> None:
+    """Harden each job's baseline with its method and ε; train the comparison methods (a dvc.yaml stage)."""
+    from ctharden.train.harden_stage import run_harden
+
+    for name, res in run_harden(state.params(), [job] if job else None).items():
+        table = Table(title=f"{name}: 100-PGD accuracy ({res['norm']}) on {res['n_test_attacked']} test samples")
+        eps = next(iter(res["curves"].values()))["eps"]
+        for col in ("method", "test AUC", *[f"{e:g}" for e in eps], "area"):
+            table.add_column(col)
+        for label, c in res["curves"].items():
+            table.add_row(label, f"{c['clean_auc']:.3f}", *[f"{a:.3f}" for a in c["accuracy"]], f"{c['auc']:.3f}")
+        out_console.print(table)
 
 
 @stage_app.command("ingest")

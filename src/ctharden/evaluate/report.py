@@ -243,6 +243,34 @@ def sanity_rows(result: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
+def comparison_tables(baseline: Mapping[str, Any], hardened: Mapping[str, Any], label: str
+                      ) -> list[tuple[str, list[str], list[list[str]]]]:
+    """Baseline vs hardened side by side: per split, AUC and SAN/N (%) per mAs for the random and
+    optimised NPS attacks (shen 2020, Tables 4-5; selected models), then 100-PGD accuracy per ε."""
+    out = []
+    rows_of = (("baseline", baseline), (label, hardened))
+    for split in hardened["random_nps"]:
+        if split not in baseline["random_nps"]:
+            continue
+        mas = [lv["mas"] for lv in _levels(hardened["random_nps"][split])]
+        header = ["model", "AUC", *[f"random {m:g}" for m in mas], *[f"optimised {m:g}" for m in mas]]
+        rows = []
+        for name, res in rows_of:
+            auc = res["clean"].get(split, {}).get("auc")
+            cells = [f"{lv['san_rate']:.1f}" for key in ("random_nps", "optimized_nps") for lv in _levels(res[key][split])]
+            rows.append([name, "n/a" if auc is None else f"{auc:.3f}", *cells])
+        out.append((f"{split}: AUC and SAN/N (%) per mAs (Tables 4-5 style)", header, rows))
+    for norm, c in hardened["pgd"].items():
+        b = baseline["pgd"].get(norm)
+        if b is None or b["eps"] != c["eps"]:
+            continue
+        header = ["model", *[f"ε {e:g}" for e in c["eps"]], "area"]
+        rows = [[name, *[f"{a:.3f}" for a in res["pgd"][norm]["accuracy"]], f"{res['pgd'][norm]['auc']:.3f}"]
+                for name, res in rows_of]
+        out.append((f"100-PGD robust accuracy, {norm} (N = {c['n']})", header, rows))
+    return out
+
+
 def _html_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
     body = "".join(
@@ -274,10 +302,12 @@ def render_html(
     *,
     title: str = "ctharden robustness report",
     notes: Sequence[str] = (),
+    comparisons: Mapping[str, Sequence[tuple[str, list[str], list[list[str]]]]] | None = None,
 ) -> str:
     """The report page: per model the clean metrics, Table 2 (SAN/N %), the PGD table, the sanity
     verdicts and the figures; ``figures[name]`` maps a figure key to its PNG; ``figures['']`` holds
-    figures shared by all models."""
+    figures shared by all models. ``comparisons[name]``: titled tables shown first for that model
+    (baseline vs hardened)."""
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
              f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>"]
     for note in notes:
@@ -296,6 +326,8 @@ def render_html(
                      f"(hash {html.escape(str(res.get('dataset_hash', ''))[:12])}); "
                      f"sanity checks: <span class='{cls}'>{verdict}</span>; "
                      f"{res['seconds']['total']:.0f} s.</p>")
+        for caption, header, rows in (comparisons or {}).get(name, []):
+            parts.append(f"<h3>{html.escape(caption)}</h3>" + _html_table(header, rows))
         clean_rows = [[split, *(f"{m[k]:.3f}" if m.get(k) is not None else "n/a"
                                 for k in ("auc", "accuracy", "sensitivity", "specificity")), str(m.get("n", ""))]
                       for split, m in res["clean"].items()]
@@ -324,21 +356,27 @@ def _pretty(obj: Any) -> str:
     return json.dumps(obj, indent=2, default=str)
 
 
-def summary_markdown(results: Mapping[str, Mapping[str, Any]], report_path: str | Path) -> str:
-    """Markdown summary (Prefect artifact, CI summary): Table 2 and PGD per model, sanity verdicts."""
-    out = ["# Robustness evaluation", "", f"Full report: `{report_path}`", ""]
+def summary_markdown(results: Mapping[str, Mapping[str, Any]], report_path: str | Path,
+                     comparisons: Mapping[str, Sequence[tuple[str, list[str], list[list[str]]]]] | None = None,
+                     title: str = "Robustness evaluation") -> str:
+    """Markdown summary (Prefect artifact, CI summary): Table 2 and PGD per model, sanity verdicts,
+    and the baseline-vs-hardened tables when given."""
+    out = [f"# {title}", "", f"Full report: `{report_path}`", ""]
     for name, res in results.items():
         test = res["clean"].get("test", {})
         auc = test.get("auc")
         failed = ", ".join(f"{n}: {', '.join(s['flags'])}" for n, s in res["sanity"].items() if not s["passed"])
         verdict = "pass" if res["sanity_passed"] else f"FAIL ({failed})"
         auc_txt = f"{auc:.3f}" if auc is not None else "n/a"
-        out += [f"## {name}", "", f"clean test AUC {auc_txt}; sanity checks {verdict}", "",
-                markdown_table(*table2_rows(res)), "", markdown_table(*pgd_rows(res)), ""]
+        out += [f"## {name}", "", f"clean test AUC {auc_txt}; sanity checks {verdict}", ""]
+        for caption, header, rows in (comparisons or {}).get(name, []):
+            out += [f"**{caption}**", "", markdown_table(header, rows), ""]
+        out += [markdown_table(*table2_rows(res)), "", markdown_table(*pgd_rows(res)), ""]
     return "\n".join(out)
 
 
 __all__ = [
+    "comparison_tables",
     "markdown_table",
     "pgd_rows",
     "plot_examples",

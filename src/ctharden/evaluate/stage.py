@@ -32,14 +32,19 @@ from ctharden.io import atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
 ROBUSTNESS_ARTIFACTS = "robustness"
+VARIANTS = ("baseline", "hardened")
 
 
-def evaluation_paths(params: dict[str, Any]) -> dict[str, Path]:
-    """Where the stage writes: metrics JSON, plot data root, report directory."""
+def evaluation_paths(params: dict[str, Any], variant: str = "baseline") -> dict[str, Path]:
+    """Where the stage writes: metrics JSON, plot data root, report directory (``robustness`` for
+    the baselines, ``robustness_hardened`` for the hardened models)."""
+    if variant not in VARIANTS:
+        raise DataError(f"unknown evaluation variant {variant!r} (choose from {list(VARIANTS)})")
+    name = "robustness" if variant == "baseline" else "robustness_hardened"
     return {
-        "metrics": Path(section(params, "paths.metrics")) / "robustness.json",
-        "plots": Path(section(params, "paths.plots")) / "robustness",
-        "reports": Path(section(params, "paths.reports")) / "robustness",
+        "metrics": Path(section(params, "paths.metrics")) / f"{name}.json",
+        "plots": Path(section(params, "paths.plots")) / name,
+        "reports": Path(section(params, "paths.reports")) / name,
     }
 
 
@@ -50,11 +55,24 @@ def noise_model(params: dict[str, Any]) -> Any:
     return NoiseConfig.from_params(section(params, "robustness").get("noise")).build()
 
 
-def load_job_models(params: dict[str, Any], job: str) -> tuple[torch.nn.Module, list[torch.nn.Module], dict[str, Any]]:
-    """The job's selected model, its other fold models and its training summary."""
+def load_job_models(params: dict[str, Any], job: str, variant: str = "baseline"
+                    ) -> tuple[torch.nn.Module, list[torch.nn.Module], dict[str, Any]]:
+    """The job's selected model, its other fold models and its training summary; for
+    ``variant="hardened"`` the hardened model and the harden stage's summary (no fold models)."""
     from ctharden.checkpoint import load_model
     from ctharden.train.job import job_dirs
 
+    if variant == "hardened":
+        from ctharden.train.harden_stage import harden_paths
+
+        path = harden_paths(params, job)["metrics"]
+        if not path.is_file():
+            raise DataError(f"job {job!r} has not been hardened: {path} not found (run `ctharden stage harden {job}`)")
+        summary = pipeline.load_json(path)
+        model_file = Path(summary["model_file"])
+        if not model_file.is_file():
+            raise DataError(f"job {job!r}: hardened model {model_file} not found (re-run `ctharden stage harden {job}`)")
+        return load_model(model_file)[0], [], summary
     dirs = job_dirs(params, job)
     if not dirs["metrics"].is_file():
         raise DataError(f"job {job!r} has not been trained: {dirs['metrics']} not found (run `ctharden stage train {job}`)")
@@ -72,8 +90,11 @@ def load_job_models(params: dict[str, Any], job: str) -> tuple[torch.nn.Module, 
     return model, others, summary
 
 
-def evaluate_job(params: dict[str, Any], job: str) -> tuple[dict[str, Any], dict[str, Any], torch.nn.Module, EvalData]:
-    """Evaluate one trained job; returns ``(result, visuals, model, data)``."""
+def evaluate_job(params: dict[str, Any], job: str, variant: str = "baseline"
+                 ) -> tuple[dict[str, Any], dict[str, Any], torch.nn.Module, EvalData]:
+    """Evaluate one trained (or hardened) job; returns ``(result, visuals, model, data)``."""
+    import dataclasses
+
     from ctharden.data.validation import require_validated
     from ctharden.train.job import job_config
 
@@ -81,12 +102,14 @@ def evaluate_job(params: dict[str, Any], job: str) -> tuple[dict[str, Any], dict
     cfg = job_config(params, job)
     ds_dir = pipeline.dataset_dir(params, cfg["dataset"])
     require_validated(ds_dir, pipeline.validation_dir(params, cfg["dataset"]))
-    model, fold_models, summary = load_job_models(params, job)
+    model, fold_models, summary = load_job_models(params, job, variant)
     data = load_eval_data(ds_dir, model)
     if data.info["content_hash"] != summary["dataset_hash"]:
         raise DataError(f"job {job!r} was trained on dataset {summary['dataset_hash'][:12]} but {ds_dir} is now "
                         f"{data.info['content_hash'][:12]}: re-run `ctharden stage train {job}` first")
     settings: RobustnessSettings = job_settings(params, job).for_width(int(data.x_attack.shape[-1]))
+    if variant == "hardened":  # one hardened model (of the selected fold): compare with the baseline's selected model
+        settings = dataclasses.replace(settings, models="selected")
     result, visuals = evaluate_robustness(
         model, data, settings, seed=int(section(params, "seed")), fold_models=fold_models,
         nps=noise_model(params),
@@ -95,8 +118,11 @@ def evaluate_job(params: dict[str, Any], job: str) -> tuple[dict[str, Any], dict
         "job": job, "dataset": cfg["dataset"], "dataset_dir": str(ds_dir), "dataset_hash": data.info["content_hash"],
         "model": {"file": summary["model_file"], "arch": summary["arch"], "selected_fold": summary["selected_fold"],
                   "mlflow_run_id": summary["mlflow"]["run_id"], "config": model.config()},
-        "profile": params.get("profile"),
+        "profile": params.get("profile"), "variant": variant,
     })
+    if variant == "hardened":
+        result["hardening"] = {"method": summary["method"], "eps": summary["eps"], "norm": summary["norm"],
+                               "eps_source": summary["eps_source"]}
     log.info("evaluated %s in %.0f s", job, time.perf_counter() - t0)
     return result, visuals, model, data
 
@@ -164,9 +190,13 @@ def log_to_mlflow(params: dict[str, Any], result: dict[str, Any], files: list[Pa
 
 
 def write_report(rep: Path, results: dict[str, dict[str, Any]],
-                 job_figures: dict[str, dict[str, Path | None]], profile: str | None = None) -> dict[str, Path]:
+                 job_figures: dict[str, dict[str, Path | None]], profile: str | None = None,
+                 baselines: dict[str, dict[str, Any]] | None = None) -> dict[str, Path]:
     """Shared figures, the HTML report (``rep/index.html``) and the markdown summary for all
-    evaluated models (``results`` and ``job_figures`` keyed by the same names)."""
+    evaluated models (``results`` and ``job_figures`` keyed by the same names). With ``baselines``
+    (hardened models), every model also gets the baseline-vs-hardened tables."""
+    from ctharden.evaluate.report import comparison_tables
+
     from ctharden.evaluate.report import plot_robust_accuracy, plot_san_vs_mas, render_html, summary_markdown
 
     shared = {
@@ -181,26 +211,58 @@ def write_report(rep: Path, results: dict[str, dict[str, Any]],
         if res["settings"].get("hu_per_unit") and res["model"]["config"].get("window_hu") is None:
             notes.append(f"{name}: images carry no HU; noise is added in HU through an assumed display window of "
                          f"{res['settings']['hu_per_unit']:g} HU per unit and {res['settings']['spacing_mm']:.3g} mm pixels.")
-    html_path = atomic_write_text(rep / "index.html", render_html(results, {"": shared, **job_figures}, notes=notes))
-    md_path = atomic_write_text(rep / "summary.md", summary_markdown(results, html_path))
+    comparisons = {}
+    for name, res in results.items():
+        if baselines and name in baselines and res.get("hardening"):
+            h = res["hardening"]
+            eps = f" ε={h['eps']:.4g}" if h.get("eps") is not None else ""
+            comparisons[name] = comparison_tables(baselines[name], res, f"hardened ({h['method']}{eps})")
+    title = "ctharden robustness report" + (": baseline vs hardened" if baselines else "")
+    html_path = atomic_write_text(rep / "index.html", render_html(results, {"": shared, **job_figures}, notes=notes,
+                                                                   comparisons=comparisons, title=title))
+    md_path = atomic_write_text(rep / "summary.md", summary_markdown(
+        results, html_path, comparisons, title="Robustness: baseline vs hardened" if baselines else "Robustness evaluation"))
     return {"html": html_path, "summary": md_path, **{k: v for k, v in shared.items() if v is not None}}
 
 
-def run_evaluation(params: dict[str, Any], jobs: list[str] | None = None, *, log_mlflow: bool = True) -> dict[str, Any]:
-    """Evaluate ``jobs`` (default: every training job) and write all outputs; returns the metrics."""
+def run_evaluation(params: dict[str, Any], jobs: list[str] | None = None, *, log_mlflow: bool = True,
+                   variant: str = "baseline") -> dict[str, Any]:
+    """Evaluate ``jobs`` (default: every training job) and write all outputs; returns the metrics.
+
+    ``variant="hardened"`` evaluates the harden stage's models the same way, and the report puts
+    each next to its baseline (from the baseline evaluation's metrics) with the hardening methods'
+    accuracy-vs-ε plot."""
     from ctharden.train.job import job_names
 
     names = jobs or job_names(params)
     for job in names:  # bad settings fail before any work
         job_settings(params, job)
-    paths = evaluation_paths(params)
+    paths = evaluation_paths(params, variant)
+    baselines = None
+    if variant == "hardened":
+        base_path = evaluation_paths(params)["metrics"]
+        if not base_path.is_file():
+            raise DataError(f"evaluate the baselines first ({base_path} not found: run `ctharden stage evaluate`)")
+        baselines = pipeline.load_json(base_path)
+        missing = [j for j in names if j not in baselines]
+        if missing:
+            raise DataError(f"{base_path} has no baseline evaluation of {missing}: run `ctharden stage evaluate`")
     results: dict[str, dict[str, Any]] = {}
     figures: dict[str, dict[str, Path | None]] = {}
     for job in names:
-        result, visuals, model, _ = evaluate_job(params, job)
+        result, visuals, model, _ = evaluate_job(params, job, variant)
         figures[job] = write_job_figures(result, visuals, model, paths["plots"] / job, paths["reports"] / job)
+        if variant == "hardened":
+            from ctharden.train.harden_stage import harden_paths
+
+            reps = harden_paths(params, job)["reports"]
+            for key, fname in (("Hardening methods: 100-PGD accuracy vs ε (ma 2020, Figs. 6-9)",
+                                f"methods_{result['hardening']['norm']}.png"),
+                               ("IMA margin distribution per epoch (ma 2020, Fig. 9)", "ima_margins.png")):
+                if (reps / fname).is_file():
+                    figures[job][key] = reps / fname
         results[job] = result
-    report = write_report(paths["reports"], results, figures, params.get("profile"))
+    report = write_report(paths["reports"], results, figures, params.get("profile"), baselines)
     if log_mlflow:
         for job, result in results.items():
             files = [report["html"], report["summary"], *figures[job].values()]

@@ -1,0 +1,215 @@
+"""The ``harden`` stage: harden every job's baseline with its method and tuned ε, compare methods.
+
+For each job: the training ε comes from ``harden.eps`` or, when that is null, from the tune stage
+(``metrics/tune/<job>.json``); the baseline is fine-tuned with ``harden.method``
+(:func:`ctharden.train.harden.harden_model`) and saved to ``artifacts/hardened/<job>/model.pt``
+(the ``evaluate_hardened`` stage evaluates it exactly like the baseline). Every method in
+``harden.compare`` is trained the same way and, with the baseline ("ce") and the hardened model,
+attacked by 100-PGD at the job's evaluation ε list on the same test samples: the accuracy-vs-ε
+curves of every method on one plot (ma 2020, Figs. 6-9). Outputs: ``metrics/harden/<job>.json``
+(shaped like a training summary, so the evaluation loads it the same way), the plot and a table
+under ``reports/harden/<job>/``, and an MLflow run ``harden-<job>`` with the model.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ctharden import pipeline
+from ctharden.config import section
+from ctharden.errors import ConfigError, DataError
+from ctharden.io import atomic_write_json, atomic_write_text
+from ctharden.train.harden_settings import EPS_METHODS, harden_settings
+
+log = logging.getLogger(__name__)
+BASELINE = "ce (baseline)"
+
+
+def harden_paths(params: dict[str, Any], job: str) -> dict[str, Path]:
+    """Where the harden stage writes for ``job``."""
+    return {
+        "models": Path(section(params, "paths.artifacts")) / "hardened" / job,
+        "reports": Path(section(params, "paths.reports")) / "harden" / job,
+        "metrics": Path(section(params, "paths.metrics")) / "harden" / f"{job}.json",
+    }
+
+
+def chosen_eps(params: dict[str, Any], job: str) -> tuple[float | None, str]:
+    """The training ε and where it came from (``params`` or ``tune``)."""
+    from ctharden.tune import tune_paths
+
+    hs = harden_settings(params, job)
+    if hs.eps is not None or hs.method not in EPS_METHODS:
+        return hs.eps, "params"
+    path = tune_paths(params, job)["metrics"]
+    if not path.is_file():
+        raise DataError(f"job {job!r}: no training ε: set harden.eps or run `ctharden stage tune {job}` ({path} missing)")
+    tuned = pipeline.load_json(path)
+    if tuned.get("method") != hs.method or tuned.get("eps") is None:
+        raise DataError(f"{path} tuned ε for method {tuned.get('method')!r}, not {hs.method!r}: re-run the tune stage")
+    return float(tuned["eps"]), "tune"
+
+
+def plot_method_curves(curves: dict[str, dict[str, Any]], path: Path, title: str) -> Path:
+    """Robust accuracy vs ε of every method on one plot."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, c in curves.items():
+        style = "k--" if name == BASELINE else "-"
+        ax.plot(c["eps"], c["accuracy"], style, marker="o", ms=3, label=name, lw=2.2 if c.get("hardened") else 1.2)
+    ax.set_xlabel("ε (model-input units)")
+    ax.set_ylabel("100-PGD robust accuracy")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def curves_markdown(curves: dict[str, dict[str, Any]], norm: str) -> str:
+    """One row per method: clean AUC, accuracy at each ε, normalised area."""
+    from ctharden.evaluate.report import markdown_table
+
+    eps = next(iter(curves.values()))["eps"]
+    rows = [[name, f"{c['eps_train']:.4g}" if c.get("eps_train") is not None else "–", f"{c['clean_auc']:.3f}",
+             *[f"{a:.3f}" for a in c["accuracy"]], f"{c['auc']:.3f}"] for name, c in curves.items()]
+    return markdown_table(["method", "training ε", "test AUC", *[f"{norm} {e:g}" for e in eps], "area"], rows)
+
+
+def harden_job(params: dict[str, Any], job: str, *, log_mlflow: bool = True) -> dict[str, Any]:
+    """Harden ``job``'s baseline and compare methods; writes ``metrics/harden/<job>.json``."""
+    import mlflow
+
+    from ctharden.attacks.pgd import normalized_area
+    from ctharden.attacks.sanity import pgd_accuracy
+    from ctharden.checkpoint import save_model
+    from ctharden.evaluate.settings import job_settings
+    from ctharden.tracking import MODEL_FILE_ARTIFACT, configure, tracking_from_params
+    from ctharden.train.data import derive_seed
+    from ctharden.train.harden import clean_auc, harden_model, load_baseline, noise_context, subset
+
+    t0 = time.perf_counter()
+    hs = harden_settings(params, job)
+    eps, eps_source = chosen_eps(params, job)
+    seed = int(section(params, "seed"))
+    paths = harden_paths(params, job)
+    baseline, summary, data = load_baseline(params, job)
+    width = int(data.train.x.shape[-1])
+    rs = job_settings(params, job).for_width(width)
+    methods = list(dict.fromkeys([hs.method, *hs.compare]))
+    noise = noise_context(params, job, baseline, width) if "nps" in methods else None
+    adaptive_ctx = _adaptive_context(params, job, baseline, data, rs) if "adaptive" in methods else None
+    eval_eps = [0.0, *getattr(rs.pgd, hs.norm)]
+    test = subset(data.test, hs.compare_max_samples, derive_seed(seed, 70))
+
+    def curve(model: torch.nn.Module, eps_train: float | None, **extra: Any) -> dict[str, Any]:
+        acc = pgd_accuracy(model, test.x, test.y, eval_eps, norm=hs.norm, steps=rs.pgd.steps, loss=rs.pgd.loss,
+                           autocast=rs.pgd.autocast)
+        return {"eps": eval_eps, "accuracy": acc, "auc": normalized_area(eval_eps, acc), "eps_train": eps_train,
+                "clean_auc": clean_auc(model, data.test), **extra}
+
+    if log_mlflow:
+        configure(tracking_from_params(params))
+    parent = mlflow.start_run(run_name=f"harden-{job}") if log_mlflow else None
+    try:
+        curves: dict[str, dict[str, Any]] = {BASELINE: curve(baseline, None)}
+        infos: dict[str, Any] = {}
+        hardened = None
+        for m in methods:
+            model, info = harden_model(baseline, m, eps, data, hs, seed=seed, noise=noise, adaptive_context=adaptive_ctx)
+            infos[m] = info
+            label = f"{m} {info['eps']:.4g}" if info.get("eps") is not None else m
+            curves[label] = curve(model, info.get("eps"), hardened=m == hs.method, method=m)
+            if m == hs.method:
+                hardened = model
+            log.info("harden %s: %s trained in %.0f s", job, label, info["seconds"])
+        assert hardened is not None
+        model_file = save_model(paths["models"] / "model.pt", hardened, meta={
+            "job": job, "method": hs.method, "eps": infos[hs.method].get("eps"), "norm": hs.norm,
+            "dataset_hash": data.info["content_hash"], "baseline_model": summary["model_file"],
+            "baseline_run_id": summary["mlflow"]["run_id"], "selected_fold": summary["selected_fold"]})
+        fig = plot_method_curves(curves, paths["reports"] / f"methods_{hs.norm}.png",
+                                 title=f"{job}: 100-PGD accuracy of every method ({hs.norm}, {len(test)} test samples)")
+        table = curves_markdown(curves, hs.norm)
+        atomic_write_text(paths["reports"] / "methods.md", f"# {job}: hardening methods\n\n{table}\n")
+        if "adaptive" in infos:
+            atomic_write_text(paths["reports"] / "adaptive.md", infos["adaptive"]["tables_markdown"] + "\n")
+        if "ima" in infos:
+            from ctharden.tune import plot_margins
+
+            plot_margins([np.asarray(h) for h in infos["ima"]["margin_history"]], infos["ima"]["eps"],
+                         paths["reports"] / "ima_margins.png", title=f"{job}: IMA margins per epoch")
+        result = {
+            "job": job, "method": hs.method, "eps": infos[hs.method].get("eps"), "eps_source": eps_source,
+            "norm": hs.norm, "dataset": summary["dataset"], "dataset_hash": data.info["content_hash"],
+            "arch": summary["arch"], "model_file": str(model_file), "selected_fold": summary["selected_fold"],
+            "folds": [{"fold": summary["selected_fold"]}], "baseline": {
+                "model_file": summary["model_file"], "mlflow_run_id": summary["mlflow"]["run_id"]},
+            "n_train": len(data.train), "n_test_attacked": len(test), "curves": curves,
+            "training": {m: {k: v for k, v in i.items() if k not in ("margins", "margin_history")}
+                         for m, i in infos.items()},
+            "settings": hs.to_dict(), "seconds": round(time.perf_counter() - t0, 1),
+            "mlflow": {"run_id": parent.info.run_id if parent is not None else None},
+        }
+        if parent is not None:
+            from ctharden.train.job import _log_pytorch_model
+
+            mlflow.log_params({"job": job, "method": hs.method, "eps": result["eps"], "eps_source": eps_source,
+                               "norm": hs.norm, "epochs": hs.epochs, "lr": hs.lr})
+            mlflow.set_tags({"ctharden.job": job, "ctharden.stage": "harden", "ctharden.method": hs.method,
+                             "ctharden.dataset_hash": data.info["content_hash"],
+                             "ctharden.baseline_run_id": summary["mlflow"]["run_id"]})
+            for i, rec in enumerate(infos[hs.method].get("history") or []):
+                mlflow.log_metrics({k: v for k, v in rec.items() if k != "epoch" and np.isfinite(v)}, step=i)
+            for name, c in curves.items():
+                key = name.split(" ")[0] if name != BASELINE else "baseline"
+                mlflow.log_metric(f"compare_{key}_pgd_{hs.norm}_area", c["auc"])
+            mlflow.log_artifact(str(model_file), MODEL_FILE_ARTIFACT)
+            mlflow.log_artifact(str(fig), "harden")
+            mlflow.log_artifact(str(paths["reports"] / "methods.md"), "harden")
+            _log_pytorch_model(hardened, test.x[:2])
+            mlflow.log_dict(result, "harden/result.json")
+    finally:
+        if parent is not None:
+            mlflow.end_run()
+    atomic_write_json(paths["metrics"], result)
+    return result
+
+
+def _adaptive_context(params: dict[str, Any], job: str, model: torch.nn.Module, data: Any, rs: Any) -> dict[str, Any]:
+    """Arguments of :func:`ctharden.train.adaptive.adaptive_train` for this job."""
+    from ctharden.evaluate.robustness import load_eval_data
+    from ctharden.evaluate.stage import noise_model
+    from ctharden.train.job import job_config
+
+    cfg = job_config(params, job)
+    ev = load_eval_data(data.dataset_dir, model)
+    return {"data": ev, "settings": rs, "nps": noise_model(params), "loss": str(cfg.get("loss", "mse"))}
+
+
+def run_harden(params: dict[str, Any], jobs: list[str] | None = None) -> dict[str, Any]:
+    """Harden every job (default: every training job)."""
+    from ctharden.train.job import job_names
+
+    names = jobs or job_names(params)
+    for job in names:
+        harden_settings(params, job)
+    if not names:
+        raise ConfigError("no training jobs configured")
+    return {job: harden_job(params, job) for job in names}
