@@ -15,8 +15,11 @@ Choices (documented, see ``DESIGN.md``):
 - PGD starts at the clean sample itself (no random start): the sequence then begins on the
   correct side, so the first bracket always exists for case 1, and the found distance is a margin
   estimate along the loss-ascent path.
-- Every decision (case 0/1, every bisection step) is a plain fp32 forward pass; the gradient is
-  that of the cross-entropy (``loss="ce"``, the paper's PGD objective) or the logit margin.
+- Every decision (case 0/1, every bisection step) is a plain fp32 forward pass. PGD ascends the
+  logit margin by default (``loss="margin"``): the cross-entropy the paper's PGD uses (``loss="ce"``)
+  has an fp32 gradient of exactly zero on confidently classified samples (BCE's ``sigmoid(z) - y``
+  rounds to 0 above a logit of ~17), so PGD would never move and the sample would be reported
+  "no boundary within ε" although it is there (tested); the margin's gradient does not vanish.
 - ``x_n`` is the *misclassified* end of the final bracket: it is an adversarial example within
   ε, and the boundary lies between ``x_in`` (correct) and ``x_n`` (wrong), at most ``bracket`` away.
 """
@@ -75,7 +78,7 @@ def bpgd(
     n_pgd: int = 20,
     n_binary: int = 10,
     alpha: float = BPGD_ALPHA,
-    loss: str = "ce",
+    loss: str = "margin",
     clip: tuple[float, float] | None = (0.0, 1.0),
     output: str | None = None,
 ) -> BPGDResult:
@@ -90,7 +93,7 @@ def bpgd(
         norm: ``"l2"`` or ``"linf"``.
         n_pgd: PGD steps (N_PGD); step size ``alpha·ε/n_pgd`` per sample.
         n_binary: bisection steps (N_binary).
-        loss: ``"ce"`` or ``"margin"``, the quantity PGD ascends.
+        loss: ``"margin"`` (default, see the module docstring) or ``"ce"``, the quantity PGD ascends.
         clip: valid input range or None.
 
     Returns:

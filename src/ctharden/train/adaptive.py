@@ -291,9 +291,9 @@ def _fmt(value: Any, digits: int) -> str:
 
 
 def _md_table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(lines)
+    from ctharden.evaluate.report import markdown_table
+
+    return markdown_table(header, rows)
 
 
 def _jsonable(obj: Any) -> Any:

@@ -151,7 +151,12 @@ def fit(
         raise ConfigError(f"norm must be one of {list(NORMS)}, got {norm!r}")
     if margin_update not in MARGIN_UPDATES:
         raise ConfigError(f"margin_update must be one of {list(MARGIN_UPDATES)}, got {margin_update!r}")
-    if not (isinstance(eps_max, (int, float)) and math.isfinite(eps_max) and eps_max > 0):
+    try:
+        eps_max = float(eps_max) if not isinstance(eps_max, bool) else math.nan
+        beta = float(beta)
+    except (TypeError, ValueError):
+        raise ConfigError(f"eps_max and beta must be numbers, got {eps_max!r}, {beta!r}") from None
+    if not (math.isfinite(eps_max) and eps_max > 0):
         raise ConfigError(f"eps_max must be a positive number, got {eps_max!r}")
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
         raise ConfigError(f"epochs must be an integer >= 1, got {epochs!r}")

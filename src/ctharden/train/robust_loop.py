@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol
 
 import torch
@@ -75,27 +75,32 @@ def dataset_size(loader: DataLoader) -> int:
         raise ConfigError("the DataLoader's dataset must have a length (map-style dataset)") from None
 
 
+def _yields_pairs(loader: DataLoader) -> bool:
+    """Do the loader's items look like ``(x, y)`` (no index)? Peeks at ``dataset[0]`` only."""
+    try:
+        item = loader.dataset[0]  # type: ignore[index]
+    except (TypeError, IndexError, NotImplementedError, KeyError):
+        return False
+    return isinstance(item, (tuple, list)) and len(item) == 2
+
+
 def indexed_batches(loader: DataLoader) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
     """``(x, y, idx)`` batches from a loader yielding ``(x, y)``, ``(x, y, idx)`` or ctharden's
-    ``(x, y, target, idx)``. For ``(x, y)`` the loader is rebuilt over an indexed view of its
-    dataset with the same batch sampler, so sample order and batching are unchanged."""
-    it: Iterable[Any] = loader
-    first = True
-    for batch in it:
-        if not isinstance(batch, (tuple, list)) or len(batch) not in (2, 3, 4):
+    ``(x, y, target, idx)``. For ``(x, y)`` items the loader is rebuilt over an indexed view of its
+    dataset with the *same* batch sampler (and worker settings) before anything is drawn, so the
+    sample order and batching are those the loader itself would give."""
+    if _yields_pairs(loader):
+        if loader.batch_sampler is None:
+            raise ConfigError("a DataLoader yielding (x, y) needs a batch sampler (batch_size set) to index samples")
+        loader = DataLoader(_Indexed(loader.dataset), batch_sampler=loader.batch_sampler,
+                            num_workers=loader.num_workers, collate_fn=loader.collate_fn,
+                            pin_memory=loader.pin_memory, worker_init_fn=loader.worker_init_fn,
+                            timeout=loader.timeout, persistent_workers=loader.persistent_workers,
+                            generator=loader.generator)
+    for batch in loader:
+        if not isinstance(batch, (tuple, list)) or len(batch) not in (3, 4):
             raise ConfigError("the DataLoader must yield (x, y), (x, y, idx) or (x, y, target, idx) batches")
-        if len(batch) == 2:
-            if not first:
-                raise ConfigError("the DataLoader changed its batch layout")
-            if loader.batch_sampler is None:
-                raise ConfigError("a DataLoader yielding (x, y) needs a batch sampler (batch_size set) to index samples")
-            rebuilt = DataLoader(_Indexed(loader.dataset), batch_sampler=loader.batch_sampler,
-                                 num_workers=loader.num_workers, collate_fn=loader.collate_fn)
-            yield from indexed_batches(rebuilt)
-            return
-        first = False
-        x, y, idx = batch[0], batch[1], batch[-1]
-        yield x, torch.as_tensor(y), torch.as_tensor(idx)
+        yield batch[0], torch.as_tensor(batch[1]), torch.as_tensor(batch[-1])
 
 
 # ---------------------------------------------------------------------------------------------------
