@@ -45,5 +45,10 @@ def test_fresh_copy_pulls_data_and_reproduces(tmp_path: Path) -> None:
     synth = json.loads((clone / "metrics" / "ingest" / "synthetic_nodule3d.json").read_text())
     assert synth["n_samples"] == 24, "the smoke profile's size"
 
+    hardened = json.loads((clone / "metrics" / "robustness_hardened.json").read_text())
+    assert set(hardened) == {"nodule3d", "covid2d"} and all(r["variant"] == "hardened" for r in hardened.values())
+    for job in hardened:
+        assert json.loads((clone / "metrics" / "tune" / f"{job}.json").read_text())["eps"] > 0
+
     status = _run(["dvc", "status"], clone, env)
     assert "up to date" in status.stdout, status.stdout

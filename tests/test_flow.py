@@ -65,6 +65,20 @@ def test_flow_ingests_validates_and_publishes_artifact(harness: None, tmp_path: 
     rmd = asyncio.run(robustness_artifact())
     assert "## nodule3d" in rmd and "## covid2d" in rmd and "10 mAs" in rmd
 
+    # tune -> harden -> evaluate the hardened models: same files as the stages, one artifact each
+    for job in ("nodule3d", "covid2d"):
+        tuned, hardened = result["tune"][job], result["harden"][job]
+        assert tuned["eps"] == json.loads((tmp_path / "metrics" / "tune" / f"{job}.json").read_text())["eps"]
+        assert hardened["eps"] == pytest.approx(tuned["eps"]) and Path(hardened["model_file"]).is_file()
+    hmetrics = result["evaluate_hardened"]["metrics"]
+    assert {m["variant"] for m in hmetrics.values()} == {"hardened"}
+
+    async def keys() -> set[str]:
+        async with get_client() as client:
+            return {a.key for a in await client.read_artifacts()}
+
+    assert {"tune-nodule3d", "harden-covid2d", "robustness-hardened"} <= asyncio.run(keys())
+
 
 @pytest.mark.slow
 def test_flow_fails_on_bad_input_without_retrying(harness: None, tmp_path: Path) -> None:
