@@ -15,7 +15,8 @@ from conftest import REPO, stage_overrides
 CLI = [str(Path(sys.executable).parent / "ctharden")]
 COMMANDS = [[], ["ingest"], ["ingest", "lidc"], ["ingest", "covid"], ["ingest", "synthetic"], ["validate"],
             ["stage"], ["stage", "ingest"], ["stage", "validate"], ["stage", "data-version"], ["stage", "train"],
-            ["stage", "evaluate"], ["evaluate"], ["train"], ["study"], ["study", "architectures"]]
+            ["stage", "evaluate"], ["stage", "tune"], ["stage", "harden"], ["evaluate"], ["train"], ["study"],
+            ["study", "architectures"], ["study", "moons"]]
 
 
 def run(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
