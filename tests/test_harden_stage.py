@@ -54,10 +54,12 @@ def test_tune_enqueues_ima_suggestion_and_anchors_then_tpe(tuned: dict[str, Any]
     assert len(eps) == 3
     suggested = min(max(ima["suggested_eps"], 0.002), 0.05)
     assert eps[0] == pytest.approx(suggested) and eps[1] == pytest.approx(0.01)  # IMA first, then the anchor
+    floor = tuned["objective"]["auc_floor"]  # default: the baseline's validation AUC - 0.05
+    assert floor == pytest.approx(tuned["baseline"]["clean_auc"] - 0.05)
     for t in study.trials:  # every trial carries its clean-AUC constraint, stored by Optuna
         rec = next(r for r in tuned["trials"] if r["number"] == t.number)
-        assert t.constraints == {"clean_auc": pytest.approx(0.9 - rec["clean_auc"])}
-        assert rec["feasible"] == (rec["clean_auc"] >= 0.9)
+        assert t.constraints == {"clean_auc": pytest.approx(floor - rec["clean_auc"])}
+        assert rec["feasible"] == (rec["clean_auc"] >= floor)
     metrics = json.loads((trained / "metrics" / "tune" / f"{JOB}.json").read_text())
     assert metrics["eps"] == tuned["eps"] == tuned["best_trial"]["eps"]
 
@@ -71,6 +73,15 @@ def test_tune_trials_are_nested_mlflow_runs(tuned: dict[str, Any], trained: Path
     assert len(runs) == len(tuned["trials"])
     parent = mlflow.get_run(tuned["mlflow_run_id"])
     assert parent.data.metrics["chosen_eps"] == pytest.approx(tuned["eps"])
+
+
+def test_auc_floor_combines_absolute_and_relative() -> None:
+    from ctharden.train.harden_settings import TuneSettings
+    from ctharden.tune import auc_floor
+
+    assert auc_floor(TuneSettings(min_clean_auc=None, max_auc_drop=0.05), 0.7) == pytest.approx(0.65)
+    assert auc_floor(TuneSettings(min_clean_auc=0.9, max_auc_drop=0.05), 0.7) == pytest.approx(0.9)
+    assert auc_floor(TuneSettings(min_clean_auc=0.5, max_auc_drop=None), 0.99) == pytest.approx(0.5)
 
 
 def test_choice_respects_the_constraint() -> None:
@@ -129,6 +140,7 @@ def test_harden_needs_an_eps(trained: Path) -> None:
     ("harden.defaults.epochs=0", "harden.epochs"),
     ("tune.defaults.eps_low=0.1", "eps_low must be below"),
     ("tune.defaults.anchors=[0.9]", "anchors must lie"),
+    ("tune.defaults.max_auc_drop=null", "clean-AUC floor"),
     ("harden.defaults.bogus=1", "unknown keys"),
 ])
 def test_bad_settings_fail_before_work(tmp_path: Path, override: str, message: str) -> None:

@@ -146,14 +146,16 @@ def tune_job(params: dict[str, Any], job: str, *, log_mlflow: bool = True) -> di
         for a in dict.fromkeys(anchors):  # unique, in order
             study.enqueue_trial({"eps": float(a)})
         trials: list[dict[str, Any]] = []
+        base_score = score_trial(baseline, data.val, ts, seed)
+        floor = auc_floor(ts, base_score["clean_auc"])
 
         def objective(trial: optuna.Trial) -> float:
             eps = trial.suggest_float("eps", ts.eps_low, ts.eps_high, log=True)
             model, info = harden_model(baseline, hs.method, eps, data, hs, seed=seed, noise=noise)
             s = score_trial(model, data.val, ts, seed)
             auc = s["clean_auc"] if not math.isnan(s["clean_auc"]) else 0.0
-            trial.set_constraint("clean_auc", ts.min_clean_auc - auc)
-            rec = {"number": trial.number, "eps": eps, **s, "feasible": auc >= ts.min_clean_auc,
+            trial.set_constraint("clean_auc", floor - auc)
+            rec = {"number": trial.number, "eps": eps, **s, "feasible": auc >= floor,
                    "seconds": info["seconds"]}
             trials.append(rec)
             if parent is not None:
@@ -170,11 +172,12 @@ def tune_job(params: dict[str, Any], job: str, *, log_mlflow: bool = True) -> di
         result = {
             "job": job, "method": hs.method, "norm": hs.norm, "eps": best["eps"], "feasible": feasible,
             "objective": {"eval_eps": ts.eval_eps, "eval_norm": ts.eval_norm, "steps": ts.steps,
-                          "min_clean_auc": ts.min_clean_auc, "split": "validation fold of the selected model",
+                          "min_clean_auc": ts.min_clean_auc, "max_auc_drop": ts.max_auc_drop, "auc_floor": floor,
+                          "split": "validation fold of the selected model",
                           "n_val": len(data.val)},
             "best_trial": best, "trials": trials, "ima": ima_info, "study": {"name": study.study_name, "storage": str(db)},
             "baseline": {"model_file": summary["model_file"], "mlflow_run_id": summary["mlflow"]["run_id"],
-                         **score_trial(baseline, data.val, ts, seed)},
+                         **base_score},
             "settings": {"tune": ts.to_dict(), "harden": hs.to_dict()},
             "seconds": round(time.perf_counter() - t0, 1),
         }
@@ -197,6 +200,16 @@ def tune_job(params: dict[str, Any], job: str, *, log_mlflow: bool = True) -> di
     return result
 
 
+def auc_floor(ts: Any, baseline_auc: float) -> float:
+    """The clean-AUC constraint: max(min_clean_auc, baseline AUC - max_auc_drop) over those set."""
+    floors = []
+    if ts.min_clean_auc is not None:
+        floors.append(float(ts.min_clean_auc))
+    if ts.max_auc_drop is not None and not math.isnan(baseline_auc):
+        floors.append(baseline_auc - float(ts.max_auc_drop))
+    return max(floors) if floors else 0.0
+
+
 def trials_markdown(result: dict[str, Any]) -> str:
     """The study's trials as a markdown table, the chosen one marked."""
     from ctharden.evaluate.report import markdown_table
@@ -209,7 +222,7 @@ def trials_markdown(result: dict[str, Any]) -> str:
     obj = result["objective"]
     head = (f"# {result['job']}: training ε for `{result['method']}` ({result['norm']})\n\n"
             f"Objective: 100-PGD robust accuracy at {obj['eval_norm']} ε = {obj['eval_eps']:g} on the "
-            f"{obj['n_val']} samples of the {obj['split']}; constraint clean AUC ≥ {obj['min_clean_auc']:g}.\n\n")
+            f"{obj['n_val']} samples of the {obj['split']}; constraint clean AUC ≥ {obj['auc_floor']:.3f}.\n\n")
     b = result["baseline"]
     head += (f"Baseline on the same samples: robust accuracy {b['robust_accuracy']:.3f}, "
              f"clean AUC {b['clean_auc']:.3f}.\n\n")

@@ -56,7 +56,8 @@ class TuneSettings:
     ima_quantile: float = 0.5
     eval_eps: float = 0.01
     eval_norm: str = "linf"
-    min_clean_auc: float = 0.9
+    min_clean_auc: float | None = None  # absolute floor on the validation AUC
+    max_auc_drop: float | None = 0.05  # floor relative to the baseline's validation AUC
     max_samples: int | None = 32
     steps: int = 100
     extra: dict[str, Any] = field(default_factory=dict)
@@ -135,15 +136,20 @@ def tune_settings(params: dict[str, Any], job: str) -> TuneSettings:
         raise ConfigError(f"tune.anchors must lie in [eps_low, eps_high] = [{lo}, {hi}], got {list(anchors)}")
     if s.eval_norm not in ("linf", "l2"):
         raise ConfigError(f"tune.eval_norm must be linf or l2, got {s.eval_norm!r}")
-    if not 0 <= float(s.min_clean_auc) <= 1:
+    if s.min_clean_auc is None and s.max_auc_drop is None:
+        raise ConfigError("tune needs a clean-AUC floor: set min_clean_auc and/or max_auc_drop")
+    if s.min_clean_auc is not None and not 0 <= float(s.min_clean_auc) <= 1:
         raise ConfigError(f"tune.min_clean_auc must lie in [0, 1], got {s.min_clean_auc!r}")
+    if s.max_auc_drop is not None and not 0 <= float(s.max_auc_drop) <= 1:
+        raise ConfigError(f"tune.max_auc_drop must lie in [0, 1], got {s.max_auc_drop!r}")
     if not 0 < float(s.ima_quantile) < 1:
         raise ConfigError(f"tune.ima_quantile must lie in (0, 1), got {s.ima_quantile!r}")
     return TuneSettings(
         n_trials=_positive("tune.n_trials", s.n_trials, integer=True), eps_low=lo, eps_high=hi, anchors=anchors,
         ima_seed=bool(s.ima_seed), ima_quantile=float(s.ima_quantile),
         eval_eps=_positive("tune.eval_eps", s.eval_eps), eval_norm=s.eval_norm,
-        min_clean_auc=float(s.min_clean_auc),
+        min_clean_auc=None if s.min_clean_auc is None else float(s.min_clean_auc),
+        max_auc_drop=None if s.max_auc_drop is None else float(s.max_auc_drop),
         max_samples=None if s.max_samples is None else _positive("tune.max_samples", s.max_samples, integer=True),
         steps=_positive("tune.steps", s.steps, integer=True), extra=dict(s.extra),
     )
