@@ -73,12 +73,12 @@ def score_trial(model: Any, val: Any, ts: Any, seed: int) -> dict[str, float]:
     """Validation AUC and 100-PGD robust accuracy at the gate's ε of a candidate model."""
     from ctharden.attacks.sanity import pgd_accuracy
     from ctharden.train.data import derive_seed
-    from ctharden.train.harden import clean_auc, subset
+    from ctharden.train.harden import clean_scores, subset
 
-    auc = clean_auc(model, val)
+    clean = clean_scores(model, val)
     sub = subset(val, ts.max_samples, derive_seed(seed, 60))
-    clean_acc, robust = pgd_accuracy(model, sub.x, sub.y, [0.0, ts.eval_eps], norm=ts.eval_norm, steps=ts.steps)
-    return {"clean_auc": auc, "clean_accuracy": clean_acc, "robust_accuracy": robust}
+    _, robust = pgd_accuracy(model, sub.x, sub.y, [0.0, ts.eval_eps], norm=ts.eval_norm, steps=ts.steps)
+    return {"clean_auc": clean["auc"], "clean_accuracy": clean["accuracy"], "robust_accuracy": robust}
 
 
 def _choose(trials: list[dict[str, Any]]) -> tuple[dict[str, Any], bool]:
@@ -148,6 +148,7 @@ def tune_job(params: dict[str, Any], job: str, *, log_mlflow: bool = True) -> di
         trials: list[dict[str, Any]] = []
         base_score = score_trial(baseline, data.val, ts, seed)
         floor = auc_floor(ts, base_score["clean_auc"])
+        acc_floor = floor_of(ts.min_clean_accuracy, ts.max_accuracy_drop, base_score["clean_accuracy"])
 
         def objective(trial: optuna.Trial) -> float:
             eps = trial.suggest_float("eps", ts.eps_low, ts.eps_high, log=True)
@@ -155,7 +156,9 @@ def tune_job(params: dict[str, Any], job: str, *, log_mlflow: bool = True) -> di
             s = score_trial(model, data.val, ts, seed)
             auc = s["clean_auc"] if not math.isnan(s["clean_auc"]) else 0.0
             trial.set_constraint("clean_auc", floor - auc)
-            rec = {"number": trial.number, "eps": eps, **s, "feasible": auc >= floor,
+            trial.set_constraint("clean_accuracy", acc_floor - s["clean_accuracy"])
+            rec = {"number": trial.number, "eps": eps, **s,
+                   "feasible": auc >= floor and s["clean_accuracy"] >= acc_floor,
                    "seconds": info["seconds"]}
             trials.append(rec)
             if parent is not None:
@@ -173,6 +176,7 @@ def tune_job(params: dict[str, Any], job: str, *, log_mlflow: bool = True) -> di
             "job": job, "method": hs.method, "norm": hs.norm, "eps": best["eps"], "feasible": feasible,
             "objective": {"eval_eps": ts.eval_eps, "eval_norm": ts.eval_norm, "steps": ts.steps,
                           "min_clean_auc": ts.min_clean_auc, "max_auc_drop": ts.max_auc_drop, "auc_floor": floor,
+                          "accuracy_floor": acc_floor,
                           "split": "validation fold of the selected model",
                           "n_val": len(data.val)},
             "best_trial": best, "trials": trials, "ima": ima_info, "study": {"name": study.study_name, "storage": str(db)},
@@ -200,14 +204,19 @@ def tune_job(params: dict[str, Any], job: str, *, log_mlflow: bool = True) -> di
     return result
 
 
+def floor_of(absolute: float | None, drop: float | None, baseline: float) -> float:
+    """max(absolute, baseline - drop) over those set (0 if neither)."""
+    floors = []
+    if absolute is not None:
+        floors.append(float(absolute))
+    if drop is not None and not math.isnan(baseline):
+        floors.append(baseline - float(drop))
+    return max(floors) if floors else 0.0
+
+
 def auc_floor(ts: Any, baseline_auc: float) -> float:
     """The clean-AUC constraint: max(min_clean_auc, baseline AUC - max_auc_drop) over those set."""
-    floors = []
-    if ts.min_clean_auc is not None:
-        floors.append(float(ts.min_clean_auc))
-    if ts.max_auc_drop is not None and not math.isnan(baseline_auc):
-        floors.append(baseline_auc - float(ts.max_auc_drop))
-    return max(floors) if floors else 0.0
+    return floor_of(ts.min_clean_auc, ts.max_auc_drop, baseline_auc)
 
 
 def trials_markdown(result: dict[str, Any]) -> str:
@@ -222,7 +231,8 @@ def trials_markdown(result: dict[str, Any]) -> str:
     obj = result["objective"]
     head = (f"# {result['job']}: training ε for `{result['method']}` ({result['norm']})\n\n"
             f"Objective: 100-PGD robust accuracy at {obj['eval_norm']} ε = {obj['eval_eps']:g} on the "
-            f"{obj['n_val']} samples of the {obj['split']}; constraint clean AUC ≥ {obj['auc_floor']:.3f}.\n\n")
+            f"{obj['n_val']} samples of the {obj['split']}; constraints clean AUC ≥ {obj['auc_floor']:.3f} and "
+            f"clean accuracy ≥ {obj['accuracy_floor']:.3f} (whole validation fold).\n\n")
     b = result["baseline"]
     head += (f"Baseline on the same samples: robust accuracy {b['robust_accuracy']:.3f}, "
              f"clean AUC {b['clean_auc']:.3f}.\n\n")

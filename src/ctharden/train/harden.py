@@ -166,15 +166,20 @@ def harden_model(
     return model.eval(), info
 
 
-def clean_auc(model: nn.Module, data: ArraySet) -> float:
-    """AUC of ``model`` on ``data`` (NaN when one class is absent)."""
+def clean_scores(model: nn.Module, data: ArraySet) -> dict[str, float]:
+    """AUC (NaN when one class is absent) and accuracy at 0.5 of ``model`` on all of ``data``."""
     from ctharden.device import select_runtime
     from ctharden.evaluate.clean import binary_metrics
     from ctharden.evaluate.predict import predict_scores
 
     _, scores = predict_scores(model, data.x, select_runtime("cpu", "fp32"))
-    auc = binary_metrics(data.y.numpy(), scores)["auc"]
-    return float("nan") if auc is None else float(auc)
+    m = binary_metrics(data.y.numpy(), scores)
+    return {"auc": float("nan") if m["auc"] is None else float(m["auc"]), "accuracy": float(m["accuracy"])}
+
+
+def clean_auc(model: nn.Module, data: ArraySet) -> float:
+    """AUC of ``model`` on ``data`` (NaN when one class is absent)."""
+    return clean_scores(model, data)["auc"]
 
 
 def subset(data: ArraySet, max_samples: int | None, seed: int) -> ArraySet:

@@ -58,6 +58,8 @@ class TuneSettings:
     eval_norm: str = "linf"
     min_clean_auc: float | None = None  # absolute floor on the validation AUC
     max_auc_drop: float | None = 0.05  # floor relative to the baseline's validation AUC
+    min_clean_accuracy: float | None = None  # absolute floor on the validation accuracy
+    max_accuracy_drop: float | None = 0.1  # floor relative to the baseline's validation accuracy
     max_samples: int | None = 32
     steps: int = 100
     extra: dict[str, Any] = field(default_factory=dict)
@@ -140,8 +142,10 @@ def tune_settings(params: dict[str, Any], job: str) -> TuneSettings:
         raise ConfigError("tune needs a clean-AUC floor: set min_clean_auc and/or max_auc_drop")
     if s.min_clean_auc is not None and not 0 <= float(s.min_clean_auc) <= 1:
         raise ConfigError(f"tune.min_clean_auc must lie in [0, 1], got {s.min_clean_auc!r}")
-    if s.max_auc_drop is not None and not 0 <= float(s.max_auc_drop) <= 1:
-        raise ConfigError(f"tune.max_auc_drop must lie in [0, 1], got {s.max_auc_drop!r}")
+    for name in ("max_auc_drop", "min_clean_accuracy", "max_accuracy_drop"):
+        v = getattr(s, name)
+        if v is not None and not 0 <= float(v) <= 1:
+            raise ConfigError(f"tune.{name} must lie in [0, 1], got {v!r}")
     if not 0 < float(s.ima_quantile) < 1:
         raise ConfigError(f"tune.ima_quantile must lie in (0, 1), got {s.ima_quantile!r}")
     return TuneSettings(
@@ -150,6 +154,8 @@ def tune_settings(params: dict[str, Any], job: str) -> TuneSettings:
         eval_eps=_positive("tune.eval_eps", s.eval_eps), eval_norm=s.eval_norm,
         min_clean_auc=None if s.min_clean_auc is None else float(s.min_clean_auc),
         max_auc_drop=None if s.max_auc_drop is None else float(s.max_auc_drop),
+        min_clean_accuracy=None if s.min_clean_accuracy is None else float(s.min_clean_accuracy),
+        max_accuracy_drop=None if s.max_accuracy_drop is None else float(s.max_accuracy_drop),
         max_samples=None if s.max_samples is None else _positive("tune.max_samples", s.max_samples, integer=True),
         steps=_positive("tune.steps", s.steps, integer=True), extra=dict(s.extra),
     )

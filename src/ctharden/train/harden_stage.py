@@ -132,7 +132,9 @@ def harden_job(params: dict[str, Any], job: str, *, log_mlflow: bool = True) -> 
         infos: dict[str, Any] = {}
         hardened = None
         for m in methods:
-            model, info = harden_model(baseline, m, eps, data, hs, seed=seed, noise=noise, adaptive_context=adaptive_ctx)
+            # the tuned ε belongs to harden.method; a compared IMA keeps its own ε_max
+            m_eps = None if (m == "ima" and m != hs.method) else eps
+            model, info = harden_model(baseline, m, m_eps, data, hs, seed=seed, noise=noise, adaptive_context=adaptive_ctx)
             infos[m] = info
             label = f"{m} {info['eps']:.4g}" if info.get("eps") is not None else m
             curves[label] = curve(model, info.get("eps"), hardened=m == hs.method, method=m)
