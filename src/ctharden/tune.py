@@ -47,13 +47,14 @@ def tune_paths(params: dict[str, Any], job: str) -> dict[str, Path]:
 def plot_margins(history: list[np.ndarray], eps_max: float, path: Path, title: str = "") -> Path:
     """Histogram of IMA's margin estimates after each epoch (ma 2020, Fig. 9 middle)."""
     import matplotlib
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from ctharden.evaluate.plots import _save_png
 
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig = Figure(figsize=(6, 3.5))
+    ax = fig.subplots()
     bins = np.linspace(0, eps_max, 31)
-    cmap = plt.get_cmap("viridis")
+    cmap = matplotlib.colormaps["viridis"]
     for i, m in enumerate(history):
         ax.hist(m, bins=bins, histtype="step", color=cmap(i / max(len(history) - 1, 1)), label=f"epoch {i + 1}")
     ax.set_xlabel("estimated margin (model-input units)")
@@ -61,12 +62,7 @@ def plot_margins(history: list[np.ndarray], eps_max: float, path: Path, title: s
     ax.set_title(title or "IMA margins per epoch")
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return _save_png(fig, path)
 
 
 def score_trial(model: Any, val: Any, ts: Any, seed: int) -> dict[str, float]:

@@ -58,12 +58,12 @@ def chosen_eps(params: dict[str, Any], job: str) -> tuple[float | None, str]:
 
 def plot_method_curves(curves: dict[str, dict[str, Any]], path: Path, title: str) -> Path:
     """Robust accuracy vs ε of every method on one plot."""
-    import matplotlib
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from ctharden.evaluate.plots import _save_png
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
     for name, c in curves.items():
         style = "k--" if name == BASELINE else "-"
         ax.plot(c["eps"], c["accuracy"], style, marker="o", ms=3, label=name, lw=2.2 if c.get("hardened") else 1.2)
@@ -74,12 +74,7 @@ def plot_method_curves(curves: dict[str, dict[str, Any]], path: Path, title: str
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return _save_png(fig, path)
 
 
 def curves_markdown(curves: dict[str, dict[str, Any]], norm: str) -> str:
