@@ -69,7 +69,9 @@ def test_tune_enqueues_ima_suggestion_and_anchors_then_tpe(tuned: dict[str, Any]
 def test_tune_trials_are_nested_mlflow_runs(tuned: dict[str, Any], trained: Path) -> None:
     import mlflow
 
-    mlflow.set_tracking_uri(f"sqlite:///{trained / 'mlflow.db'}")
+    from ctharden.tracking import tracking_from_params
+
+    mlflow.set_tracking_uri(tracking_from_params(_params(trained)).uri)  # MLFLOW_TRACKING_URI may override the db
     runs = mlflow.search_runs(search_all_experiments=True,
                               filter_string=f"tags.mlflow.parentRunId = '{tuned['mlflow_run_id']}'")
     assert len(runs) == len(tuned["trials"])
