@@ -116,8 +116,7 @@ def tune_job(params: dict[str, Any], job: str, *, log_mlflow: bool = True) -> di
     parent = mlflow.start_run(run_name=f"tune-{job}") if log_mlflow else None
     try:
         if parent is not None:
-            mlflow.log_params({"job": job, "method": hs.method, **{f"tune.{k}": v for k, v in ts.to_dict().items()
-                                                                   if k != "extra"}})
+            mlflow.log_params({"job": job, "method": hs.method, **{f"tune.{k}": v for k, v in ts.to_dict().items()}})
             mlflow.set_tags({"ctharden.job": job, "ctharden.stage": "tune",
                              "ctharden.baseline_run_id": summary["mlflow"]["run_id"]})
         ima_info: dict[str, Any] | None = None

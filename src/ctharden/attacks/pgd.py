@@ -663,6 +663,18 @@ def normalized_area(eps: Sequence[float], accuracy: Sequence[float]) -> float:
     return float(area / top)
 
 
+def eps_grid(eps_list: Sequence[float]) -> list[float]:
+    """The sorted distinct ε values of a robust-accuracy curve, with 0 (the clean accuracy) added;
+    :class:`AttackError` unless they are finite numbers >= 0."""
+    try:
+        values = sorted({float(e) for e in eps_list} | {0.0})
+    except (TypeError, ValueError):
+        raise AttackError(f"eps_list must be a list of numbers, got {eps_list!r}") from None
+    if any(not math.isfinite(e) or e < 0 for e in values):
+        raise AttackError(f"eps_list must hold finite values >= 0, got {list(eps_list)}")
+    return values
+
+
 def robust_accuracy_curve(
     model: nn.Module,
     x: Tensor,
@@ -679,12 +691,7 @@ def robust_accuracy_curve(
     Returns a JSON-serialisable dict: ``eps``, ``accuracy``, ``success_rate`` (share broken), ``auc``,
     ``n`` and the attack settings (``norm``, ``loss``, ``steps``, ``restarts``).
     """
-    try:
-        values = sorted({float(e) for e in eps_list} | {0.0})
-    except (TypeError, ValueError):
-        raise AttackError(f"eps_list must be a list of numbers, got {eps_list!r}") from None
-    if any(not math.isfinite(e) or e < 0 for e in values):
-        raise AttackError(f"eps_list must hold finite values >= 0, got {list(eps_list)}")
+    values = eps_grid(eps_list)
     accuracy: list[float] = []
     for e in values:
         if e == 0.0:

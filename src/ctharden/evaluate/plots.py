@@ -47,10 +47,15 @@ _PNG_METADATA = {"Software": None}  # no matplotlib version stamp: reproducible 
 _DPI = 120
 
 
-def _save_png(fig: Figure, path: Path) -> Path:
+def png_bytes(fig: Figure) -> bytes:
+    """The figure as PNG bytes (Agg, no version stamp: reproducible)."""
     buf = io.BytesIO()
     FigureCanvasAgg(fig).print_png(buf, metadata=_PNG_METADATA)
-    return atomic_write_bytes(path, buf.getvalue())
+    return buf.getvalue()
+
+
+def _save_png(fig: Figure, path: Path) -> Path:
+    return atomic_write_bytes(path, png_bytes(fig))
 
 
 def plot_roc(

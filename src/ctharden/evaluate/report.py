@@ -17,13 +17,11 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from ctharden.evaluate.plots import _csv_text, _save_png
@@ -71,12 +69,6 @@ def write_plot_data(result: Mapping[str, Any], out_dir: Path) -> list[Path]:
 
 # ---------------------------------------------------------------------------------------------------
 # figures
-
-
-def _png_bytes(fig: Figure) -> bytes:
-    buf = io.BytesIO()
-    FigureCanvasAgg(fig).print_png(buf, metadata={"Software": None})
-    return buf.getvalue()
 
 
 def plot_san_vs_mas(results: Mapping[str, Mapping[str, Any]], path: Path) -> Path:

@@ -25,7 +25,6 @@ Protocol (the paper's, unless marked *ours*):
 
 from __future__ import annotations
 
-import io
 import math
 import time
 from collections.abc import Mapping, Sequence
@@ -37,7 +36,9 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from ctharden.attacks.pgd import eps_grid
 from ctharden.errors import ConfigError
+from ctharden.evaluate.plots import png_bytes
 from ctharden.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 METHODS = ("ce", "adv", "ima", "trades", "rand")
@@ -113,16 +114,6 @@ def _check_methods(methods: Sequence[str] | str) -> tuple[str, ...]:
     if len(set(names)) != len(names):
         raise ConfigError(f"Moons methods must not repeat, got {list(names)}")
     return names
-
-
-def _check_eps_list(eps_eval: Sequence[float]) -> list[float]:
-    try:
-        values = sorted({float(e) for e in eps_eval} | {0.0})
-    except (TypeError, ValueError):
-        raise ConfigError(f"eps_eval must be a list of numbers, got {eps_eval!r}") from None
-    if any(not math.isfinite(e) or e < 0 for e in values):
-        raise ConfigError(f"eps_eval must hold finite values >= 0, got {list(eps_eval)}")
-    return values
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -247,12 +238,6 @@ def markdown_table(results: Mapping[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _png(fig: Any) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    return buf.getvalue()
-
-
 def plot_decision_boundaries(models: Mapping[str, nn.Module], results: Mapping[str, Any], x: Tensor, y: Tensor,
                              *, max_points: int = 1000, grid: int = 300) -> bytes:
     """PNG bytes: one panel per method, its predicted class on a ``grid``×``grid`` lattice over the
@@ -289,7 +274,8 @@ def plot_decision_boundaries(models: Mapping[str, nn.Module], results: Mapping[s
         ax.set_aspect("equal")
         ax.tick_params(labelsize=7)
     fig.suptitle("Moons: decision regions (red = class 0, blue = class 1) and test points", fontsize=10)
-    data = _png(fig)
+    fig.tight_layout()
+    data = png_bytes(fig)
     plt.close(fig)
     return data
 
@@ -306,7 +292,8 @@ def plot_margins(margins: Tensor, eps_max: float, *, bins: int = 30) -> bytes:
     ax.set_xlabel("IMA margin estimate (L∞, input units)")
     ax.set_ylabel("training samples")
     ax.set_title(f"IMA's final margins ({len(margins)} samples, ε_max = {eps_max:g})", fontsize=10)
-    data = _png(fig)
+    fig.tight_layout()
+    data = png_bytes(fig)
     plt.close(fig)
     return data
 
@@ -371,7 +358,7 @@ def run_moons(
         raise ConfigError(f"eps_max must be a positive number, got {eps_max!r}")
     if not (isinstance(noise, (int, float)) and math.isfinite(noise) and noise >= 0):
         raise ConfigError(f"noise must be a number >= 0, got {noise!r}")
-    eps = _check_eps_list(eps_eval)
+    eps = eps_grid(eps_eval)
     eps_max, noise = float(eps_max), float(noise)
     dev = torch.device(device)
     t_start = time.perf_counter()

@@ -76,6 +76,7 @@ from ctharden.attacks.losses import infer_adapter
 from ctharden.attacks.nps import InputMap, optimized_nps_attack
 from ctharden.attacks.pgd import _autocast, attack_mode
 from ctharden.errors import ConfigError, DataError
+from ctharden.evaluate.report import markdown_table
 from ctharden.evaluate.robustness import EvalData, _nps_inputs, clean_metrics, run_nps_attacks, step_hu
 from ctharden.evaluate.settings import RobustnessSettings
 from ctharden.noise.nps import NPSModel
@@ -257,17 +258,17 @@ class AdaptiveResult:
                              + " — AUC and SAN/N (%):\n")
                 body = [[r["label"], _fmt(r["auc"], 3), *(_fmt(r[attack].get(m), digits) for m in levels)]
                         for r in rows]
-                parts.append(_md_table(["", "AUC", *(f"{m:g} mAs" for m in levels)], body))
+                parts.append(markdown_table(["", "AUC", *(f"{m:g} mAs" for m in levels)], body))
             ref = PAPER_TABLES[split]
             parts.append(f"\nReference — {ref['caption']}:\n")
-            parts.append(_md_table(
+            parts.append(markdown_table(
                 ["", "AUC", *(f"{m:g} mAs" for m in ref["mas"])],
                 [[label, f"{auc[0]:.2f} ± {auc[1]:.3f}", *(f"{v:.1f} ± {s:.1f}" for v, s in rates)]
                  for label, auc, rates in ref["rows"]],
             ))
             parts.append("")
         parts.append("### Training set S during adaptive training\n")
-        parts.append(_md_table(
+        parts.append(markdown_table(
             ["step", "attacked", "attack chains", "successful", "added", "size of S", "seconds"],
             [[s.label + (" (P empty: stopped)" if s.stopped else ""), str(s.n_attacked), str(s.n_attempts),
               str(s.n_flips), str(s.n_added), str(s.n_total), f"{s.seconds.get('total', 0.0):.1f}"]
@@ -288,12 +289,6 @@ class AdaptiveResult:
 
 def _fmt(value: Any, digits: int) -> str:
     return "–" if value is None else f"{float(value):.{digits}f}"
-
-
-def _md_table(header: list[str], rows: list[list[str]]) -> str:
-    from ctharden.evaluate.report import markdown_table
-
-    return markdown_table(header, rows)
 
 
 def _jsonable(obj: Any) -> Any:

@@ -28,7 +28,6 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from ctharden import pipeline
-from ctharden.config import section
 from ctharden.errors import ConfigError, DataError
 from ctharden.train.data import ArraySet, balanced_sampler, derive_seed, load_arrayset
 from ctharden.train.harden_settings import EPS_METHODS, HardenSettings
@@ -206,7 +205,3 @@ def noise_context(params: dict[str, Any], job: str, model: nn.Module, width: int
         raise ConfigError(f"job {job!r}: NPS noise needs robustness.jobs.{job}.hu_per_unit for display-unit data")
     spacing = rs.spacing_mm if isinstance(rs.spacing_mm, (int, float)) else float(rs.spacing_mm[0])
     return NoiseContext(float(spacing), hu, noise_model(params))
-
-
-def seed_of(params: dict[str, Any]) -> int:
-    return int(section(params, "seed"))

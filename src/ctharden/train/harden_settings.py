@@ -7,7 +7,7 @@ model-input units (``[0, 1]``), in the norm ``norm``; mAs in mAs.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from ctharden.config import deep_merge, section
@@ -62,7 +62,6 @@ class TuneSettings:
     max_accuracy_drop: float | None = 0.1  # floor relative to the baseline's validation accuracy
     max_samples: int | None = 32
     steps: int = 100
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -157,5 +156,5 @@ def tune_settings(params: dict[str, Any], job: str) -> TuneSettings:
         min_clean_accuracy=None if s.min_clean_accuracy is None else float(s.min_clean_accuracy),
         max_accuracy_drop=None if s.max_accuracy_drop is None else float(s.max_accuracy_drop),
         max_samples=None if s.max_samples is None else _positive("tune.max_samples", s.max_samples, integer=True),
-        steps=_positive("tune.steps", s.steps, integer=True), extra=dict(s.extra),
+        steps=_positive("tune.steps", s.steps, integer=True),
     )

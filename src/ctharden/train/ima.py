@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from ctharden.attacks.bpgd import bpgd
+from ctharden.attacks.bpgd import BPGDResult, bpgd
 from ctharden.attacks.pgd import NORMS, attack_mode
 from ctharden.errors import ConfigError
 from ctharden.train.robust_loop import ce_sum, dataset_size, fit_with, indexed_batches, resolve_device
@@ -65,7 +65,7 @@ class IMALoss:
         self.norm, self.beta, self.n_pgd, self.n_binary, self.clip = norm, beta, n_pgd, n_binary, clip
         self.margin_update, self.loader, self.device = margin_update, loader, device
 
-    def _search(self, model: nn.Module, x: Tensor, y: Tensor, idx: Tensor):  # -> (correct, result)
+    def _search(self, model: nn.Module, x: Tensor, y: Tensor, idx: Tensor) -> BPGDResult:
         eps = self.state.margins[idx.cpu()].to(x.device)
         return bpgd(model, x, y, eps, norm=self.norm, n_pgd=self.n_pgd, n_binary=self.n_binary, clip=self.clip)
 

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from ctharden.attacks.losses import AttackError, OutputAdapter, ce_loss, infer_adapter
-from ctharden.attacks.pgd import NORMS, attack_mode, pgd, project, random_in_ball
+from ctharden.attacks.pgd import NORMS, _ascent_direction, _view, attack_mode, pgd, project, random_in_ball
 from ctharden.errors import ConfigError
 
 PGD_ALPHA = 4.0  # ma 2020: 20-PGD with α = 4 for "adv ε" and TRADES
@@ -236,8 +236,6 @@ class Trades:
         self.n_pgd, self.alpha, self.clip = n_pgd, alpha, clip
 
     def _adversary(self, model: nn.Module, x: Tensor) -> Tensor:
-        from ctharden.attacks.pgd import _ascent_direction, _view
-
         eps = torch.full((len(x),), self.eps, device=x.device)
         step = self.alpha * self.eps / self.n_pgd
         with attack_mode(model), torch.no_grad():
