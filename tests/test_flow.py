@@ -10,10 +10,7 @@ from pathlib import Path
 import pytest
 from conftest import COVID_SAMPLE, REPO, stage_overrides
 
-import sys
-
-sys.path.insert(0, str(REPO / "flows"))
-from pipeline import data_flow, ingest_task, pipeline_flow  # noqa: E402
+from ctharden.flows.pipeline import data_flow, ingest_task, pipeline_flow
 
 
 @pytest.fixture(scope="module")
