@@ -392,6 +392,92 @@ def stage_validate(name: Annotated[str, typer.Argument(help="Dataset name from p
     out_console.print(pipeline.summarize_validation({name: summary}))
 
 
+def _print_gate(gated: dict[str, Any]) -> None:
+    """One table per job: every criterion, its threshold, and each gated variant's value and verdict."""
+    jobs = list(dict.fromkeys(job for entries in gated.values() for job in entries))
+    for job in jobs:
+        recs = {v: entries[job] for v, entries in gated.items() if job in entries}
+        table = Table(title=f"robustness gate: {job}")
+        table.add_column("criterion")
+        table.add_column("threshold", justify="right")
+        for v in recs:
+            table.add_column(v, justify="right")
+        first = next(iter(recs.values()))
+        for name, r in first["criteria"].items():
+            cells = []
+            for rec in recs.values():
+                c = rec["criteria"][name]
+                value = "n/a" if c["value"] is None else f"{c['value']:.4g}"
+                cells.append(f"{value} [green]pass[/]" if c["passed"] else f"{value} [bold red]FAIL[/]")
+            table.add_row(name, f"{r['op']} {r['threshold']:g}", *cells)
+        table.add_row("[bold]gate[/]", "", *["[bold green]PASSED[/]" if rec["passed"] else "[bold red]FAILED[/]"
+                                            for rec in recs.values()])
+        out_console.print(table)
+
+
+@app.command("gate")
+def gate_cmd(
+    jobs: Annotated[list[str] | None, typer.Argument(help="Jobs to gate (default: every evaluated job).")] = None,
+    variant: Annotated[str, typer.Option(
+        help="baseline | hardened | all | auto (hardened when evaluated, else baseline).")] = "auto",
+    no_fail: Annotated[bool, typer.Option(
+        "--no-fail", help="Record the verdicts and exit 0 even when a model fails (the pipeline's gate stage).")] = False,
+) -> None:
+    """Robustness gate: check each evaluated model against params.yaml `gate`, write metrics/gate.json,
+    print every criterion, and exit non-zero if a gated model fails."""
+    from ctharden.errors import GateFailed
+    from ctharden.evaluate.gate import failures, gate_path, run_gate
+
+    params = state.params()
+    gated = run_gate(params, variant, jobs or None)
+    _print_gate(gated)
+    out_console.print(f"written: {gate_path(params)}")
+    failed = failures(gated)
+    if failed and not no_fail:
+        raise GateFailed("gate failed: " + " | ".join(failed))
+
+
+@app.command("register")
+def register_cmd(
+    jobs: Annotated[list[str] | None, typer.Argument(help="Jobs to register (default: every gated job).")] = None,
+    variant: Annotated[list[str] | None, typer.Option(
+        help="Variants to consider, in order (default: baseline then hardened).")] = None,
+) -> None:
+    """Register each gated model in the MLflow registry only if its gate passed (tags, description,
+    report link; `challenger` -> new version, `champion` only if it beats the current one). Exits
+    non-zero when a job has no model that passed."""
+    from ctharden.errors import GateFailed
+    from ctharden.registry import ORDER, register, register_markdown, unregistered_jobs
+
+    summary = register(state.params(), jobs or None, variant or ORDER)
+    out_console.print(register_markdown({**summary, "jobs": {j: summary["jobs"][j] for j in (jobs or summary["jobs"])}}))
+    missing = unregistered_jobs(summary, jobs or summary["jobs"])
+    if missing:
+        why = "; ".join(o["reason"] for j in missing for o in summary["jobs"][j])
+        raise GateFailed(f"nothing registered for {', '.join(missing)}: {why}")
+
+
+@app.command("ci-gate")
+def ci_gate_cmd(
+    base: Annotated[str, typer.Option(help="Base git revision to compare with (e.g. origin/main).")],
+    variant: Annotated[str, typer.Option(help="baseline | hardened | all | auto.")] = "auto",
+    summary: Annotated[Path | None, typer.Option(
+        help="Append the markdown summary to this file (e.g. $GITHUB_STEP_SUMMARY).")] = None,
+) -> None:
+    """Pull-request check: the robustness gate on this checkout's metrics plus a regression check of
+    every gated metric against BASE, with `dvc metrics diff BASE`; exits non-zero on fail."""
+    from ctharden.ci_gate import ci_gate
+    from ctharden.errors import GateFailed
+
+    res = ci_gate(state.params(), base, variant=variant)
+    out_console.print(res["markdown"], markup=False, highlight=False)
+    if summary is not None:
+        with open(summary, "a", encoding="utf-8") as fh:
+            fh.write(res["markdown"])
+    if not res["passed"]:
+        raise GateFailed("ci-gate failed: " + " | ".join(res["failures"]))
+
+
 @stage_app.command("data-version")
 def stage_data_version() -> None:
     """Print the data version: the DVC hash of data/ and each dataset's content hash."""

@@ -21,3 +21,7 @@ class DataError(CthardenError):
 
 class ValidationFailed(CthardenError):
     """A dataset failed its Great Expectations suite; nothing downstream may use it."""
+
+
+class GateFailed(CthardenError):
+    """A model failed the robustness gate (or regressed against the base branch in ``ci-gate``)."""

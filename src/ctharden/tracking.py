@@ -23,6 +23,10 @@ from ctharden.errors import ConfigError, DataError
 
 MODEL_FILE_ARTIFACT = "model_file"
 MAX_PARAM_LEN = 6000
+_ENV = "MLFLOW_TRACKING_URI"
+# URIs that configure() put into the environment itself (mlflow.set_tracking_uri exports the URI so
+# that subprocesses inherit it): those are not a user's override for the next params in this process.
+_EXPORTED_BY_US: set[str] = set()
 
 
 @dataclass(frozen=True)
@@ -37,7 +41,9 @@ class Tracking:
 def tracking_from_params(params: Mapping[str, Any]) -> Tracking:
     """Resolve the ``mlflow:`` section (paths relative to the working directory)."""
     cfg = params.get("mlflow") or {}
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(cfg.get('db', 'mlflow.db')).resolve()}"
+    env = os.environ.get(_ENV)
+    user = env if env and env not in _EXPORTED_BY_US else None
+    uri = user or f"sqlite:///{Path(cfg.get('db', 'mlflow.db')).resolve()}"
     return Tracking(uri, Path(cfg.get("artifacts", "mlruns")).resolve(), str(cfg.get("experiment", "ctharden")))
 
 
@@ -45,6 +51,8 @@ def configure(tracking: Tracking) -> str:
     """Point MLflow at ``tracking`` and return the experiment id (created with the artifact root)."""
     import mlflow
 
+    if os.environ.get(_ENV) != tracking.uri:
+        _EXPORTED_BY_US.add(tracking.uri)
     mlflow.set_tracking_uri(tracking.uri)
     mlflow.set_registry_uri(tracking.uri)
     exp = mlflow.get_experiment_by_name(tracking.experiment)
