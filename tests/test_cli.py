@@ -16,7 +16,7 @@ CLI = [str(Path(sys.executable).parent / "ctharden")]
 COMMANDS = [[], ["ingest"], ["ingest", "lidc"], ["ingest", "covid"], ["ingest", "synthetic"], ["validate"],
             ["stage"], ["stage", "ingest"], ["stage", "validate"], ["stage", "data-version"], ["stage", "train"],
             ["stage", "evaluate"], ["stage", "tune"], ["stage", "harden"], ["evaluate"], ["train"], ["study"],
-            ["study", "architectures"], ["study", "moons"]]
+            ["study", "architectures"], ["study", "moons"], ["gate"], ["register"], ["ci-gate"]]
 
 
 def run(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess[str]:

@@ -14,7 +14,9 @@ The check fails (``GateFailed``, exit 1) when a gated model fails the gate or an
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -61,8 +63,10 @@ def regressions(params: Mapping[str, Any], job: str, base: Mapping[str, float], 
 
 def dvc_metrics_diff(repo: Path, ref: str) -> str:
     """``dvc metrics diff REF --md`` in ``repo`` (its output, or the reason it could not run)."""
+    sibling = Path(sys.executable).parent / "dvc"  # the dvc installed with ctharden, even when not on PATH
+    dvc = str(sibling) if sibling.is_file() else (shutil.which("dvc") or "dvc")
     try:
-        out = subprocess.run(["dvc", "metrics", "diff", ref, "--md"], cwd=repo, capture_output=True, text=True,
+        out = subprocess.run([dvc, "metrics", "diff", ref, "--md"], cwd=repo, capture_output=True, text=True,
                              timeout=300)
     except OSError as exc:
         return f"(dvc metrics diff could not run: {exc})"

@@ -188,6 +188,12 @@ def register_record(params: Mapping[str, Any], record: Mapping[str, Any], client
     job, variant = record["job"], record["variant"]
     result = verify_record(params, record)
     run_id = record["model"]["mlflow_run_id"]
+    if run_id:
+        try:
+            client.get_run(run_id)
+        except MlflowException:
+            raise DataError(f"{job} ({variant}): MLflow run {run_id} is not in the tracking store "
+                            f"{mlflow.get_tracking_uri()}; re-run the stage that produced the model") from None
     out: dict[str, Any] = {"job": job, "variant": variant, "run_id": run_id, "gate_passed": record["passed"]}
     if not record["passed"]:
         why = reasons(record)
@@ -262,6 +268,45 @@ def register(params: Mapping[str, Any], jobs: Iterable[str] | None = None,
     summary = {"jobs": {**(merged.get("jobs") or {}), **outcomes}, "champions": {**(merged.get("champions") or {}), **champions}}
     atomic_write_json(prior, summary)
     return summary
+
+
+def reevaluate_champion(params: Mapping[str, Any], job: str) -> dict[str, Any] | None:
+    """Evaluate ``models:/<name>@champion`` of ``job`` on the job's current (validated) dataset with
+    the job's robustness settings, gate it, tag the version with the verdict and write
+    ``metrics/champion/<job>.json``. Returns None when the job has no champion."""
+    import datetime
+
+    import mlflow
+
+    from ctharden.evaluate.external import evaluate_model_robustness
+    from ctharden.evaluate.gate import check
+    from ctharden.evaluate.stage import headline_metrics
+    from ctharden.tracking import configure, tracking_from_params
+    from ctharden.train.job import job_config
+
+    configure(tracking_from_params(params))
+    client = mlflow.MlflowClient()
+    name = gate_settings(params, job).model_name
+    mv = _alias(client, name, CHAMPION)
+    if mv is None:
+        log.warning("%s: no champion registered under %s", job, name)
+        return None
+    ref = f"models:/{name}@{CHAMPION}"
+    ds = job_config(params, job)["dataset"]
+    result = evaluate_model_robustness(
+        ref, pipeline.dataset_dir(params, ds), dict(params), validation_dir=pipeline.validation_dir(params, ds),
+        settings_of=job, report_dir=Path(section(params, "paths.reports")) / "champion" / job)
+    headline = headline_metrics(result)
+    verdict = check(headline, gate_settings(params, job))
+    when = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+    for key, value in {f"{TAG}.reevaluated_at": when, f"{TAG}.reevaluation_gate": "passed" if verdict["passed"] else "failed",
+                       f"{TAG}.reevaluation_reasons": reasons(verdict)[:5000],
+                       f"{TAG}.reevaluation_dataset_hash": result["dataset_hash"]}.items():
+        client.set_model_version_tag(name, mv.version, key, value)
+    out = {"job": job, "model_uri": ref, "name": name, "version": str(mv.version), "reevaluated_at": when,
+           "dataset_hash": result["dataset_hash"], "headline": headline, "gate": verdict, "report": result["report"]}
+    atomic_write_json(pipeline.metrics_path(dict(params), "champion", job), out)
+    return out
 
 
 def unregistered_jobs(summary: Mapping[str, Any], jobs: Iterable[str]) -> list[str]:

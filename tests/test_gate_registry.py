@@ -1,0 +1,386 @@
+"""The robustness gate on fixed metric files, MLflow registry promotion against real backends
+(the embedded SQLite store and a tracking server this module starts on 127.0.0.1), and the
+pull-request check ``ctharden ci-gate`` on a git repository with two commits."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from conftest import REPO, stage_overrides
+
+from ctharden.config import load_params
+from ctharden.errors import ConfigError, DataError
+from ctharden.evaluate.gate import gate_settings, run_gate
+from ctharden.io import atomic_write_json
+
+FIXTURES = Path(__file__).parent / "fixtures" / "gate"  # headline metrics measured on the default run
+CLI = [str(Path(sys.executable).parent / "ctharden")]
+SHAPE = (32, 32, 32)
+
+
+def fixture(variant: str) -> dict[str, Any]:
+    return json.loads((FIXTURES / f"{variant}.json").read_text())
+
+
+def tiny_model(seed: int) -> torch.nn.Module:
+    from ctharden.models import build_model
+
+    torch.manual_seed(seed)
+    return build_model("nodule3d", spatial_dims=3, window_hu=(-1000.0, 400.0), width=2).eval()
+
+
+def write_model(tmp: Path, name: str, seed: int, *, log: bool = False, params: dict[str, Any] | None = None
+                ) -> tuple[Path, str | None]:
+    """A real (tiny) nodule model file; with ``log`` also an MLflow run holding it (model file + pt2)."""
+    from ctharden.checkpoint import save_model
+
+    model = tiny_model(seed)
+    path = save_model(tmp / "models" / name / "model.pt", model, meta={"job": "nodule3d"})
+    if not log:
+        return path, None
+    import mlflow
+
+    from ctharden.tracking import MODEL_FILE_ARTIFACT, configure, tracking_from_params
+    from ctharden.train.job import _log_pytorch_model
+
+    configure(tracking_from_params(params))
+    with mlflow.start_run(run_name=name) as run:
+        mlflow.log_artifact(str(path), MODEL_FILE_ARTIFACT)
+        _log_pytorch_model(model, torch.rand(2, *SHAPE))
+    return path, run.info.run_id
+
+
+def write_evaluation(params: dict[str, Any], variant: str, job: str, model_file: Path, run_id: str | None,
+                     **changes: float) -> None:
+    """metrics/robustness[_hardened].json with the fixture's ``job`` entry for ``model_file``; ``changes``
+    overwrite headline metrics."""
+    from ctharden.evaluate.stage import evaluation_paths
+
+    path = evaluation_paths(params, variant)["metrics"]
+    metrics = json.loads(path.read_text()) if path.is_file() else {}
+    entry = copy.deepcopy(fixture(variant)[job])
+    entry["model"].update({"file": str(model_file), "mlflow_run_id": run_id})
+    entry["headline"].update(changes)
+    metrics[job] = entry
+    atomic_write_json(path, metrics)
+
+
+def default_params(tmp: Path) -> dict[str, Any]:
+    return load_params(REPO / "params.yaml", "default", stage_overrides(tmp))
+
+
+# -- the gate ---------------------------------------------------------------------------------------
+
+
+def test_gate_fails_baselines_and_passes_hardened_on_measured_metrics(tmp_path: Path) -> None:
+    params = default_params(tmp_path)
+    for variant in ("baseline", "hardened"):
+        for job in ("nodule3d", "covid2d"):
+            write_evaluation(params, variant, job, write_model(tmp_path, f"{variant}-{job}", 1)[0], None)
+    gated = run_gate(params, "all")
+    for job in ("nodule3d", "covid2d"):
+        base, hard = gated["baseline"][job], gated["hardened"][job]
+        assert not base["passed"] and hard["passed"], (base["failed"], hard["failed"])
+        # the undefended baseline fails on robustness, not on clean accuracy or sanity
+        assert base["criteria"]["clean_auc"]["passed"] and base["criteria"]["sanity"]["passed"]
+        assert any(n.startswith("pgd_linf") for n in base["failed"])
+        assert any(n.startswith("optimized_san") for n in base["failed"])
+    on_disk = json.loads((tmp_path / "metrics" / "gate.json").read_text())
+    row = on_disk["baseline"]["nodule3d"]["criteria"]["pgd_linf_acc_eps0.01"]
+    assert row == {"metric": "robust_pgd_linf_acc_eps0.01", "description": row["description"], "op": ">=",
+                   "threshold": 0.8, "value": 0.5, "passed": False, "kind": "robust_accuracy"}
+    assert on_disk["hardened"]["covid2d"]["primary"]["criterion"] == "pgd_linf_acc_eps0.002"
+
+
+def test_gate_cli_prints_the_table_and_exits_by_verdict(tmp_path: Path) -> None:
+    params = default_params(tmp_path)
+    for variant in ("baseline", "hardened"):
+        write_evaluation(params, variant, "nodule3d", write_model(tmp_path, variant, 1)[0], None)
+    args = ["--params", str(REPO / "params.yaml"), *sum((["--set", o] for o in stage_overrides(tmp_path)), [])]
+    env = {**os.environ, "COLUMNS": "200"}
+
+    def gate(*extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*CLI, *args, "gate", *extra], capture_output=True, text=True, env=env, timeout=120)
+
+    r = gate("--variant", "baseline")
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "pgd_linf_acc_eps0.01" in r.stdout and "0.5 FAIL" in r.stdout and "FAILED" in r.stdout
+    assert r.stderr.strip().startswith("error: gate failed: nodule3d (baseline)") and "Traceback" not in r.stderr
+    assert gate("--variant", "baseline", "--no-fail").returncode == 0
+    r = gate()  # auto: the hardened models, since they were evaluated
+    assert r.returncode == 0 and "PASSED" in r.stdout, r.stdout + r.stderr
+    assert set(json.loads((tmp_path / "metrics" / "gate.json").read_text())) == {"baseline", "hardened"}
+
+
+def test_unmeasured_metric_fails_its_criterion(tmp_path: Path) -> None:
+    params = default_params(tmp_path)
+    model = write_model(tmp_path, "m", 1)[0]
+    write_evaluation(params, "hardened", "nodule3d", model, None)
+    metrics = tmp_path / "metrics" / "robustness_hardened.json"
+    data = json.loads(metrics.read_text())
+    del data["nodule3d"]["headline"]["robust_pgd_l2_acc_eps0.5"]  # e.g. an ε missing from the PGD grid
+    metrics.write_text(json.dumps(data))
+    rec = run_gate(params, "hardened")["hardened"]["nodule3d"]
+    assert not rec["passed"] and rec["failed"] == ["pgd_l2_acc_eps0.5"]
+    assert rec["criteria"]["pgd_l2_acc_eps0.5"]["value"] is None
+
+
+def test_gate_settings_are_validated(tmp_path: Path) -> None:
+    params = default_params(tmp_path)
+    params["gate"]["jobs"]["nodule3d"]["primary"] = "nope"
+    with pytest.raises(ConfigError, match="primary"):
+        gate_settings(params, "nodule3d")
+    params = default_params(tmp_path)
+    params["gate"]["defaults"]["min_robust_accuracy"]["linf2"] = {0.1: 0.5}
+    with pytest.raises(ConfigError, match="unknown norms"):
+        gate_settings(params, "nodule3d")
+    params = default_params(tmp_path)
+    params["gate"]["jobs"]["nodule3d"]["max_san_rate"]["optimized"][100] = "high"
+    with pytest.raises(ConfigError, match="must be a number"):
+        gate_settings(params, "nodule3d")
+    # null disables a criterion
+    params = default_params(tmp_path)
+    params["gate"]["jobs"]["nodule3d"]["min_robust_accuracy"]["l2"][0.5] = None
+    assert "pgd_l2_acc_eps0.5" not in [c.name for c in gate_settings(params, "nodule3d").criteria]
+
+
+# -- registry promotion -------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real MLflow tracking server (SQLite backend) on 127.0.0.1, for the duration of the module."""
+    root = tmp_path_factory.mktemp("mlflow_server")
+    port = _free_port()
+    mlflow_bin = str(Path(sys.executable).parent / "mlflow")
+    proc = subprocess.Popen(
+        [mlflow_bin, "server", "--backend-store-uri", f"sqlite:///{root / 'server.db'}",
+         "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1"],
+        stdout=open(root / "server.log", "w"), stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 180
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                if r.status == 200:
+                    break
+        except OSError:
+            pass
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            pytest.fail(f"mlflow server did not start: {(root / 'server.log').read_text()[-2000:]}")
+        time.sleep(0.5)
+    try:
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+@pytest.fixture(params=["sqlite", "server"])
+def registry_params(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    """Default params under ``tmp_path``; MLflow is the embedded SQLite store or the test server."""
+    if request.param == "server":
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", request.getfixturevalue("mlflow_server"))
+        # one server for the module: each test registers under its own model names
+        suffix = tmp_path.name.replace("_", "-")
+        overrides = [*stage_overrides(tmp_path), f"gate.defaults.model_name=ctharden-{{job}}-{suffix}"]
+        return load_params(REPO / "params.yaml", "default", overrides)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return default_params(tmp_path)
+
+
+def _client(params: dict[str, Any]) -> Any:
+    import mlflow
+
+    from ctharden.tracking import configure, tracking_from_params
+
+    configure(tracking_from_params(params))
+    return mlflow.MlflowClient()
+
+
+def _gate_and_register(params: dict[str, Any], variant: str, model: Path, run_id: str, **changes: float
+                       ) -> dict[str, Any]:
+    from ctharden.registry import register
+
+    write_evaluation(params, variant, "nodule3d", model, run_id, **changes)
+    run_gate(params, variant, ["nodule3d"])
+    return register(params, ["nodule3d"], [variant])
+
+
+@pytest.mark.slow
+def test_failed_gate_registers_nothing(registry_params: dict[str, Any], tmp_path: Path) -> None:
+    params = registry_params
+    model, run_id = write_model(tmp_path, "baseline", 1, log=True, params=params)
+    out = _gate_and_register(params, "baseline", model, run_id)
+    (o,) = out["jobs"]["nodule3d"]
+    assert o["status"] == "rejected" and "pgd_linf_acc_eps0.01 = 0.5 (needs >= 0.8)" in o["reason"]
+    client = _client(params)
+    name = gate_settings(params, "nodule3d").model_name
+    assert client.search_model_versions(f"name = '{name}'") == []
+    assert client.get_run(run_id).data.tags["ctharden.gate"] == "rejected"
+    assert out["champions"]["nodule3d"]["version"] is None
+    # the CLI says why and exits non-zero
+    args = ["--params", str(REPO / "params.yaml"), *sum((["--set", o] for o in stage_overrides(tmp_path)), [])]
+    if "ctharden-{job}-" in str(params["gate"]["defaults"]["model_name"]):
+        args += ["--set", f"gate.defaults.model_name={params['gate']['defaults']['model_name']}"]
+    r = subprocess.run([*CLI, *args, "register", "nodule3d", "--variant", "baseline"], capture_output=True,
+                       text=True, timeout=300, env={**os.environ, "COLUMNS": "200"})
+    assert r.returncode == 1 and "nothing registered for nodule3d: gate failed" in r.stderr, r.stdout + r.stderr
+    assert client.search_model_versions(f"name = '{name}'") == []
+
+
+@pytest.mark.slow
+def test_promotion_rules_idempotence_and_champion_loads(registry_params: dict[str, Any], tmp_path: Path) -> None:
+    import mlflow
+
+    from ctharden.registry import params_hash
+    from ctharden.tracking import load_model_ref
+
+    params = registry_params
+    name = gate_settings(params, "nodule3d").model_name
+    client = _client(params)
+    m1, r1 = write_model(tmp_path, "v1", 1, log=True, params=params)
+    out = _gate_and_register(params, "hardened", m1, r1)  # measured: PGD L∞ acc 0.906 @ 0.01, AUC 0.9905
+    (o,) = out["jobs"]["nodule3d"]
+    assert o["status"] == "registered" and o["version"] == "1" and o["aliases"] == ["challenger", "champion"]
+    mv = client.get_model_version(name, "1")
+    tags = mv.tags
+    assert tags["ctharden.gate"] == "passed" and tags["ctharden.gate.pgd_linf_acc_eps0.01"] == "0.90625 >= 0.8: pass"
+    assert tags["ctharden.gate.optimized_san_mas100"] == "50 <= 60: pass"
+    assert tags["ctharden.dataset_hash"] == fixture("hardened")["nodule3d"]["dataset_hash"]
+    assert len(tags["ctharden.git_sha"]) == 40 and tags["ctharden.params_hash"] == params_hash(params)
+    assert tags["ctharden.report"].endswith("robustness_hardened/index.html")
+    assert tags["ctharden.report_artifact"] == f"runs:/{r1}/robustness/index.html"
+    assert "passing the robustness gate" in mv.description and "Robustness report" in mv.description
+    assert client.get_run(r1).data.tags["ctharden.registered"] == f"models:/{name}/1"
+
+    # idempotent: the same run again registers nothing new
+    again = _gate_and_register(params, "hardened", m1, r1)
+    assert again["jobs"]["nodule3d"][0]["status"] == "already registered"
+    assert len(client.search_model_versions(f"name = '{name}'")) == 1
+
+    # better primary metric, clean AUC within tolerance: champion moves
+    m2, r2 = write_model(tmp_path, "v2", 2, log=True, params=params)
+    o2 = _gate_and_register(params, "hardened", m2, r2, **{"robust_pgd_linf_acc_eps0.01": 0.95,
+                                                          "robust_clean_test_auc": 0.98})["jobs"]["nodule3d"][0]
+    assert o2["version"] == "2" and o2["promoted"] and o2["aliases"] == ["challenger", "champion"]
+    # better primary but clean AUC drops by more than 0.02: challenger only
+    m3, r3 = write_model(tmp_path, "v3", 3, log=True, params=params)
+    o3 = _gate_and_register(params, "hardened", m3, r3, **{"robust_pgd_linf_acc_eps0.01": 0.97,
+                                                          "robust_clean_test_auc": 0.955})["jobs"]["nodule3d"][0]
+    assert o3["version"] == "3" and not o3["promoted"] and o3["aliases"] == ["challenger"]
+    assert "clean AUC" in o3["champion_decision"]
+    # passes the gate but does not beat the champion: challenger only
+    m4, r4 = write_model(tmp_path, "v4", 4, log=True, params=params)
+    o4 = _gate_and_register(params, "hardened", m4, r4)["jobs"]["nodule3d"][0]
+    assert o4["version"] == "4" and not o4["promoted"] and "does not beat" in o4["champion_decision"]
+    assert str(client.get_model_version_by_alias(name, "champion").version) == "2"
+    assert str(client.get_model_version_by_alias(name, "challenger").version) == "4"
+
+    # models:/<name>@champion loads and predicts: the pt2 model and the state_dict model file
+    x = torch.rand(3, *SHAPE)
+    graph = mlflow.pytorch.load_model(f"models:/{name}@champion")
+    model, meta = load_model_ref(f"models:/{name}@champion")
+    assert meta["mlflow_run_id"] == r2
+    with torch.no_grad():
+        expected = tiny_model(2)(x)
+        assert torch.allclose(model.eval()(x), expected, atol=1e-5)
+        assert torch.allclose(graph(x), expected, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_stale_gate_record_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from ctharden.registry import register
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    params = default_params(tmp_path)
+    model, run_id = write_model(tmp_path, "m", 1, log=True, params=params)
+    write_evaluation(params, "hardened", "nodule3d", model, run_id)
+    run_gate(params, "hardened")
+    write_evaluation(params, "hardened", "nodule3d", model, run_id, **{"robust_pgd_linf_acc_eps0.01": 0.95})
+    with pytest.raises(DataError, match="re-run `ctharden gate`"):
+        register(params)
+    run_gate(params, "hardened")
+    shutil.copyfile(write_model(tmp_path, "other", 7)[0], model)  # the model changed after the gate
+    with pytest.raises(DataError, match="changed or vanished since it was gated"):
+        register(params)
+    assert _client(params).search_model_versions("name = 'ctharden-nodule3d'") == []
+
+
+# -- ci-gate ----------------------------------------------------------------------------------------
+
+
+def _git(repo: Path, *args: str) -> None:
+    subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True,
+                   env={**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+                        "GIT_COMMITTER_EMAIL": "t@t"})
+
+
+@pytest.mark.slow
+def test_ci_gate_on_a_two_commit_repository(tmp_path: Path) -> None:
+    """Commit 1 (base): the measured hardened metrics. Commit 2: PGD robust accuracy drops from 0.906
+    to 0.8125: still above the 0.8 threshold, but a regression beyond the 0.07 tolerance."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    shutil.copyfile(REPO / "params.yaml", repo / "params.yaml")
+    (repo / "dvc.yaml").write_text("metrics:\n  - metrics/robustness_hardened.json\n")
+    _git(repo, "init", "-q", "-b", "main")
+    subprocess.run([str(Path(sys.executable).parent / "dvc"), "init", "-q"], cwd=repo, check=True)
+    model = write_model(tmp_path, "m", 1)[0]
+    old = os.getcwd()
+    os.chdir(repo)
+    try:
+        params = load_params("params.yaml")
+        write_evaluation(params, "hardened", "nodule3d", model, "r1")
+    finally:
+        os.chdir(old)
+    _git(repo, "add", "-A")
+    _git(repo, "commit", "-q", "-m", "base")
+
+    def ci_gate(summary: Path) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*CLI, "ci-gate", "--base", "main", "--summary", str(summary)], cwd=repo,
+                              capture_output=True, text=True, timeout=300, env={**os.environ, "COLUMNS": "200"})
+
+    r = ci_gate(tmp_path / "same.md")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "**PASSED**" in (tmp_path / "same.md").read_text()
+
+    _git(repo, "checkout", "-q", "-b", "pr")
+    os.chdir(repo)
+    try:
+        write_evaluation(params, "hardened", "nodule3d", model, "r1", **{"robust_pgd_linf_acc_eps0.01": 0.8125})
+    finally:
+        os.chdir(old)
+    _git(repo, "commit", "-q", "-am", "regress")
+    r = ci_gate(tmp_path / "pr.md")
+    assert r.returncode == 1, r.stdout + r.stderr
+    md = (tmp_path / "pr.md").read_text()
+    assert "pgd_linf_acc_eps0.01 regressed 0.9062 -> 0.8125 (tolerance 0.07)" in r.stderr
+    assert "| nodule3d | hardened | `pgd_linf_acc_eps0.01` | 0.9062 | 0.8125 | 0.09375 | 0.07 | **REGRESSED** |" in md
+    assert "dvc metrics diff main" in md and "robust_pgd_linf_acc_eps0.01" in md, md  # dvc diff table
+    assert "nodule3d | hardened | **gate** | | | **PASSED**" in md  # the gate itself still passes
+
+    r = subprocess.run([*CLI, "ci-gate", "--base", "nope"], cwd=repo, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "base revision 'nope' not found" in r.stderr
