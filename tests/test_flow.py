@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from conftest import COVID_SAMPLE, REPO, stage_overrides
 
-from ctharden.flows.pipeline import data_flow, ingest_task, pipeline_flow
+from ctharden.flows.pipeline import data_flow, harden_pipeline, ingest_task
 
 
 @pytest.fixture(scope="module")
@@ -22,10 +22,12 @@ def harness() -> Iterator[None]:
 
 
 @pytest.mark.slow
-def test_flow_ingests_validates_and_publishes_artifact(harness: None, tmp_path: Path) -> None:
+def test_harden_pipeline_end_to_end_then_cached(harness: None, tmp_path: Path) -> None:
+    """ingest -> validate -> train -> evaluate -> gate -> tune -> harden -> evaluate -> gate -> register,
+    then the same flow again: every stage comes from Prefect's cache (same MLflow runs, no retraining)."""
     from prefect.client.orchestration import get_client
 
-    result = pipeline_flow(profile="smoke", params_path=str(REPO / "params.yaml"), overrides=stage_overrides(tmp_path))
+    result = harden_pipeline(profile="smoke", params_path=str(REPO / "params.yaml"), overrides=stage_overrides(tmp_path))
     summaries = result["data"]
     assert set(summaries) == {"lidc", "covid", "synthetic_nodule3d"}
     assert set(result["train"]) == {"nodule3d", "covid2d"}
@@ -74,7 +76,46 @@ def test_flow_ingests_validates_and_publishes_artifact(harness: None, tmp_path: 
         async with get_client() as client:
             return {a.key for a in await client.read_artifacts()}
 
-    assert {"tune-nodule3d", "harden-covid2d", "robustness-hardened"} <= asyncio.run(keys())
+    assert {"tune-nodule3d", "harden-covid2d", "robustness-hardened", "gate-baseline", "gate-hardened", "registry",
+            "pipeline-summary"} <= asyncio.run(keys())
+
+    # gate both variants, register what passed (the smoke profile's thresholds are lenient)
+    gate = json.loads((tmp_path / "metrics" / "gate.json").read_text())
+    assert set(gate) == {"baseline", "hardened"} and set(gate["hardened"]) == {"nodule3d", "covid2d"}
+    assert result["gate_hardened"]["hardened"]["nodule3d"]["passed"] == gate["hardened"]["nodule3d"]["passed"]
+    reg = result["register"]
+    for job in ("nodule3d", "covid2d"):
+        statuses = {o["variant"]: o["status"] for o in reg["jobs"][job]}
+        assert statuses == {"baseline": "registered", "hardened": "registered"}, reg["jobs"][job]
+        assert reg["champions"][job]["version"] in ("1", "2")
+
+    async def summary() -> str:
+        async with get_client() as client:
+            return next(a.data for a in await client.read_artifacts() if a.key == "pipeline-summary")
+
+    assert "| nodule3d | passed |" in asyncio.run(summary())
+
+    # re-run with unchanged data, params and code: cached, nothing retrained or re-registered
+    state = harden_pipeline(profile="smoke", params_path=str(REPO / "params.yaml"), overrides=stage_overrides(tmp_path),
+                            return_state=True)
+    again = state.result()
+    for job in ("nodule3d", "covid2d"):
+        assert again["train"][job]["mlflow"]["run_id"] == result["train"][job]["mlflow"]["run_id"]
+        assert again["harden"][job]["mlflow"]["run_id"] == result["harden"][job]["mlflow"]["run_id"]
+        assert {o["status"] for o in again["register"]["jobs"][job]} == {"already registered"}
+
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    async def task_states() -> dict[str, str]:
+        async with get_client() as client:
+            runs = await client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+        return {r.name: r.state.name for r in runs}
+
+    states = asyncio.run(task_states())
+    for name in ("train-nodule3d", "train-covid2d", "evaluate-baseline", "tune-nodule3d", "harden-covid2d",
+                 "evaluate-hardened"):
+        assert states[name] == "Cached", states
 
 
 @pytest.mark.slow

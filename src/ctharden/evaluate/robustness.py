@@ -5,6 +5,10 @@ example images and attention maps.
 >>> data = load_eval_data("artifacts/datasets/synthetic_nodule3d", model)
 >>> result, visuals = evaluate_robustness(model, data, job_settings(params, "nodule3d"), seed=1)
 
+The evaluation is a set of independent units (:mod:`ctharden.evaluate.units`), each seeded from
+``(seed, unit)``: ``evaluate_robustness`` runs them in turn; :mod:`ctharden.flows.fanout` spreads
+them over a Dask cluster with the same result.
+
 ``result`` is JSON-serialisable (what ``metrics/robustness.json`` holds per job); ``visuals`` holds
 the arrays of the example figure (not serialised). Everything runs in eval mode with frozen
 parameters (the attack functions take care of it); flips and ``broken`` are decided by fp32
@@ -19,8 +23,8 @@ the selected model.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -136,6 +140,80 @@ def _nps_inputs(model: nn.Module, settings: RobustnessSettings) -> dict[str, Any
             "hu_per_unit": settings.hu_per_unit if getattr(model, "window_hu", None) is None else None}
 
 
+def nps_samples(data: EvalData, settings: RobustnessSettings, seed: int, split_index: int
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """Dataset indices of split ``settings.splits[split_index]`` that the NPS attacks use:
+    ``(random, optimized)``, the random attacks' (seeded, stratified) subset and the optimised
+    attacks' subset of it."""
+    split = settings.splits[split_index]
+    idx = data.indices(split)
+    if len(idx) == 0:
+        raise DataError(f"split {split!r} of the dataset is empty")
+    y = data.y.numpy()
+    sub = idx[stratified_subset(y[idx], settings.max_samples, derive_seed(seed, 30, split_index))]
+    osub = sub[stratified_subset(y[sub], settings.optimized.max_samples, derive_seed(seed, 32, split_index))]
+    return sub, osub
+
+
+def random_nps_run(
+    model: nn.Module, data: EvalData, settings: RobustnessSettings, *, split_index: int, model_index: int,
+    seed: int, nps: NPSModel | None = None, device: torch.device | None = None,
+) -> NPSAttackResult:
+    """The random NPS attack of one model on one split, every mAs level (common random numbers)."""
+    dev = device or torch.device("cpu")
+    sub, _ = nps_samples(data, settings, seed, split_index)
+    g = torch.Generator(device=dev).manual_seed(derive_seed(seed, 31, split_index, model_index))
+    return random_nps_attack(
+        model, data.x_attack[sub].to(dev), settings.mas_levels, settings.random.k, nps=nps, generator=g,
+        batch_size=settings.random.batch_size, **_nps_inputs(model, settings),
+    )
+
+
+def optimized_nps_run(
+    model: nn.Module, data: EvalData, settings: RobustnessSettings, *, split_index: int, model_index: int,
+    mas_index: int, seed: int, nps: NPSModel | None = None, device: torch.device | None = None,
+) -> NPSAttackResult:
+    """The optimised NPS attack (Algorithm 1) of one model on one split at one mAs level."""
+    dev = device or torch.device("cpu")
+    _, osub = nps_samples(data, settings, seed, split_index)
+    o = settings.optimized
+    mas = settings.mas_levels[mas_index]
+    g = torch.Generator(device=dev).manual_seed(derive_seed(seed, 33, split_index, model_index, mas_index))
+    return optimized_nps_attack(
+        model, data.x_attack[osub].to(dev), mas, restarts=o.restarts, step_hu=step_hu(settings, mas, nps), tol=o.tol,
+        n_iter=o.n_iter, nps=nps, generator=g, batch_size=o.batch_size, autocast=o.autocast,
+        **_nps_inputs(model, settings),
+    )
+
+
+def merge_levels(per_mas: Sequence[NPSAttackResult], settings: RobustnessSettings) -> NPSAttackResult:
+    """One optimised-attack result over every mAs level from the per-level results (in
+    ``settings.mas_levels`` order); the inputs are left unchanged."""
+    first = per_mas[0]
+    merged = dataclasses.replace(first, levels=dict(first.levels), settings=dict(first.settings))
+    for r in per_mas[1:]:
+        merged.levels.update(r.levels)
+    merged.settings["mas_levels"] = list(settings.mas_levels)
+    merged.settings["mean_steps"] = float(np.mean([r.settings["mean_steps"] for r in per_mas]))
+    return merged
+
+
+def nps_tables(random_runs: Sequence[Sequence[NPSAttackResult]],
+               optimized_runs: Sequence[Sequence[Sequence[NPSAttackResult]]], settings: RobustnessSettings
+               ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(random, optimized)`` JSON blocks per split from the attack results indexed
+    ``random_runs[split][model]`` and ``optimized_runs[split][model][mas]``."""
+    random_out: dict[str, Any] = {}
+    opt_out: dict[str, Any] = {}
+    for si, split in enumerate(settings.splits):
+        rnd = list(random_runs[si])
+        random_out[split] = _nps_block(rnd, rnd[0].n)
+        opt = [merge_levels(per_mas, settings) for per_mas in optimized_runs[si]]
+        opt_out[split] = _nps_block(opt, opt[0].n)
+        opt_out[split]["mean_steps"] = opt[0].settings["mean_steps"]
+    return random_out, opt_out
+
+
 def run_nps_attacks(
     models: Sequence[nn.Module],
     data: EvalData,
@@ -150,44 +228,51 @@ def run_nps_attacks(
     Returns ``(random, optimized)``: ``{split: block}`` with the block of :func:`_nps_block`; the
     first model is the selected one (the figures' perturbations come from :func:`example_visuals`).
     """
+    from ctharden.evaluate import units
+
+    todo = [u for u in units.evaluation_units(settings, len(models)) if u.kind in units.NPS_KINDS]
+    done = units.run_units(todo, models, data, settings, seed=seed, nps=nps, device=device)
+    return units.assemble_nps(todo, done, settings, len(models))
+
+
+PGD_NORMS = ("linf", "l2")
+
+
+def pgd_samples(data: EvalData, settings: RobustnessSettings, seed: int) -> np.ndarray:
+    """Test-split indices that PGD attacks (seeded, stratified ``pgd.max_samples`` subset)."""
+    idx = data.indices("test")
+    if len(idx) == 0:
+        raise DataError("the dataset's test split is empty")
+    return idx[stratified_subset(data.y.numpy()[idx], settings.pgd.max_samples, derive_seed(seed, 40))]
+
+
+def pgd_norm_run(
+    model: nn.Module, data: EvalData, settings: RobustnessSettings, norm: str, *, seed: int,
+    device: torch.device | None = None,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """100-PGD robust accuracy vs ε for one norm with every sanity check: ``(curve, sanity)``.
+
+    Seeds torch's global RNG (the PGD starts) from ``(seed, 41, norm index)`` first."""
     dev = device or torch.device("cpu")
-    random_out: dict[str, Any] = {}
-    opt_out: dict[str, Any] = {}
-    for si, split in enumerate(settings.splits):
-        idx = data.indices(split)
-        if len(idx) == 0:
-            raise DataError(f"split {split!r} of the dataset is empty")
-        sub = idx[stratified_subset(data.y.numpy()[idx], settings.max_samples, derive_seed(seed, 30, si))]
-        x = data.x_attack[sub].to(dev)
-        rnd, opt = [], []
-        for mi, model in enumerate(models):
-            g = torch.Generator(device=dev).manual_seed(derive_seed(seed, 31, si, mi))
-            rnd.append(random_nps_attack(
-                model, x, settings.mas_levels, settings.random.k, nps=nps, generator=g,
-                batch_size=settings.random.batch_size, **_nps_inputs(model, settings),
-            ))
-        random_out[split] = _nps_block(rnd, len(sub))
-        o = settings.optimized
-        osub = sub[stratified_subset(data.y.numpy()[sub], o.max_samples, derive_seed(seed, 32, si))]
-        xo = data.x_attack[osub].to(dev)
-        for mi, model in enumerate(models):
-            per_mas = []
-            for li, mas in enumerate(settings.mas_levels):
-                g = torch.Generator(device=dev).manual_seed(derive_seed(seed, 33, si, mi, li))
-                per_mas.append(optimized_nps_attack(
-                    model, xo, mas, restarts=o.restarts, step_hu=step_hu(settings, mas, nps), tol=o.tol, n_iter=o.n_iter,
-                    nps=nps, generator=g, batch_size=o.batch_size, autocast=o.autocast,
-                    **_nps_inputs(model, settings),
-                ))
-            merged = per_mas[0]
-            for r in per_mas[1:]:
-                merged.levels.update(r.levels)
-            merged.settings["mas_levels"] = list(settings.mas_levels)
-            merged.settings["mean_steps"] = float(np.mean([r.settings["mean_steps"] for r in per_mas]))
-            opt.append(merged)
-        opt_out[split] = _nps_block(opt, len(osub))
-        opt_out[split]["mean_steps"] = opt[0].settings["mean_steps"]
-    return random_out, opt_out
+    p = settings.pgd
+    sub = pgd_samples(data, settings, seed)
+    x, y = data.x[sub].to(dev), data.y[sub].to(dev)
+    eps = getattr(p, norm)
+    torch.manual_seed(derive_seed(seed, 41, PGD_NORMS.index(norm)))
+    report = run_sanity_checks(
+        model, x, y, eps, norm=norm, steps=p.steps, restarts=p.restarts, loss=p.loss,
+        tolerance=p.tolerance, n_random=p.n_random, autocast=p.autocast, early_stop=True,
+    )
+    acc = dict(zip(report.curve["eps"], report.curve["accuracy"], strict=True))
+    values = [0.0, *eps]
+    accuracy = [acc[e] for e in values]
+    curve = {
+        "eps": values, "eps_hu": _eps_hu(model, values, settings), "accuracy": accuracy,
+        "auc": normalized_area(values, accuracy), "n": int(len(sub)), "steps": p.steps, "restarts": p.restarts,
+        "loss": p.loss, "large_eps": report.settings["large_eps"],
+        "accuracy_large_eps": acc[report.settings["large_eps"]],
+    }
+    return curve, report.to_dict()
 
 
 def run_pgd_evaluation(
@@ -199,34 +284,12 @@ def run_pgd_evaluation(
     area) and the :class:`~ctharden.attacks.SanityReport` as a dict. The curve *is* the sanity run's
     sweep (the same PGD, not a second one).
     """
-    dev = device or torch.device("cpu")
-    p = settings.pgd
-    idx = data.indices("test")
-    if len(idx) == 0:
-        raise DataError("the dataset's test split is empty")
-    sub = idx[stratified_subset(data.y.numpy()[idx], p.max_samples, derive_seed(seed, 40))]
-    x, y = data.x[sub].to(dev), data.y[sub].to(dev)
+    pgd_samples(data, settings, seed)  # an empty test split is an error even without ε lists
     curves: dict[str, Any] = {}
     sanity: dict[str, Any] = {}
-    for ni, norm in enumerate(("linf", "l2")):
-        eps = getattr(p, norm)
-        if not eps:
-            continue
-        torch.manual_seed(derive_seed(seed, 41, ni))
-        report = run_sanity_checks(
-            model, x, y, eps, norm=norm, steps=p.steps, restarts=p.restarts, loss=p.loss,
-            tolerance=p.tolerance, n_random=p.n_random, autocast=p.autocast, early_stop=True,
-        )
-        acc = dict(zip(report.curve["eps"], report.curve["accuracy"], strict=True))
-        values = [0.0, *eps]
-        accuracy = [acc[e] for e in values]
-        eps_hu = _eps_hu(model, values, settings)
-        curves[norm] = {
-            "eps": values, "eps_hu": eps_hu, "accuracy": accuracy, "auc": normalized_area(values, accuracy),
-            "n": int(len(sub)), "steps": p.steps, "restarts": p.restarts, "loss": p.loss,
-            "large_eps": report.settings["large_eps"], "accuracy_large_eps": acc[report.settings["large_eps"]],
-        }
-        sanity[norm] = report.to_dict()
+    for norm in PGD_NORMS:
+        if getattr(settings.pgd, norm):
+            curves[norm], sanity[norm] = pgd_norm_run(model, data, settings, norm, seed=seed, device=device)
     return curves, sanity
 
 
@@ -268,7 +331,9 @@ def example_visuals(
     Per sample: the clean input, one random NPS realisation at the lowest mAs (a flipping one when
     any of 32 draws flips it), the optimised NPS perturbation at that mAs, and the L∞ PGD example at
     the smallest listed ε that breaks it (else the largest). All in model-input units, plus the
-    noise images in HU and the fp32 positive scores.
+    noise images in HU and the fp32 positive scores. Every random number (noise, PGD starts)
+    comes from one generator seeded from ``(seed, 50)``: the examples do not depend on what ran
+    before them in the process.
     """
     from ctharden.attacks.pgd import attack_mode
     from ctharden.models import positive_score
@@ -307,7 +372,7 @@ def example_visuals(
         adv, eps_used = x0, None
         for e in settings.pgd.linf or settings.pgd.l2:
             cand, broken = pgd(model, x0, data.y[i : i + 1], e, norm="linf" if settings.pgd.linf else "l2",
-                               steps=settings.pgd.steps, loss=settings.pgd.loss, early_stop=True)
+                               steps=settings.pgd.steps, loss=settings.pgd.loss, early_stop=True, generator=g)
             adv, eps_used = cand, e
             if bool(broken[0]):
                 break
@@ -322,6 +387,11 @@ def example_visuals(
     return {"examples": examples}
 
 
+def model_set(model: nn.Module, fold_models: Sequence[nn.Module], settings: RobustnessSettings) -> list[nn.Module]:
+    """The models the NPS attacks run on: the selected one first, then (``models: folds``) the others."""
+    return [model, *fold_models] if settings.models == "folds" else [model]
+
+
 def evaluate_robustness(
     model: nn.Module,
     data: EvalData,
@@ -332,7 +402,8 @@ def evaluate_robustness(
     nps: NPSModel | None = None,
     device: torch.device | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The whole evaluation of ``model`` (the selected model) on ``data``.
+    """The whole evaluation of ``model`` (the selected model) on ``data``: every unit of
+    :mod:`ctharden.evaluate.units` in turn, then assembled.
 
     Args:
         fold_models: further models (the other CV folds) for the NPS attacks' mean ± std when
@@ -341,33 +412,12 @@ def evaluate_robustness(
     Returns:
         ``(result, visuals)``: the JSON-serialisable result and the example arrays.
     """
-    t0 = time.perf_counter()
-    timings: dict[str, float] = {}
-    models = [model, *fold_models] if settings.models == "folds" else [model]
-    clean = clean_metrics(model, data, device)
-    timings["clean"] = time.perf_counter() - t0
-    t = time.perf_counter()
-    random_res, opt_res = run_nps_attacks(models, data, settings, seed=seed, nps=nps, device=device)
-    timings["nps"] = time.perf_counter() - t
-    t = time.perf_counter()
-    curves, sanity = run_pgd_evaluation(model, data, settings, seed=seed, device=device)
-    timings["pgd"] = time.perf_counter() - t
-    t = time.perf_counter()
-    visuals = example_visuals(model, data, settings, seed=seed, nps=nps)
-    timings["examples"] = time.perf_counter() - t
-    result = {
-        "clean": clean,
-        "random_nps": random_res,
-        "optimized_nps": opt_res,
-        "pgd": curves,
-        "sanity": {norm: {"passed": s["passed"], "flags": s["flags"], "checks": s["checks"],
-                          "settings": s["settings"]} for norm, s in sanity.items()},
-        "sanity_passed": all(s["passed"] for s in sanity.values()),
-        "n_models": len(models),
-        "settings": settings.to_dict(),
-        "seconds": {k: round(v, 1) for k, v in {**timings, "total": time.perf_counter() - t0}.items()},
-    }
-    return result, visuals
+    from ctharden.evaluate import units
+
+    models = model_set(model, fold_models, settings)
+    todo = units.evaluation_units(settings, len(models))
+    done = units.run_units(todo, models, data, settings, seed=seed, nps=nps, device=device)
+    return units.assemble(todo, done, settings, len(models))
 
 
 def dataset_hash(dataset_dir: str | Path) -> str:

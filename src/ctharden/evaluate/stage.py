@@ -12,12 +12,18 @@ figures, and log metrics and files to the job's MLflow training run. Then, for a
 ``reports/robustness/summary.md`` (what the Prefect artifact and CI show) and the shared figures.
 Every file is written atomically; ``metrics/robustness.json`` last, so a failed run leaves the
 previous metrics in place.
+
+Steps: :func:`evaluation_plan` (checks before any work) -> per job :func:`prepare_job` (checks,
+models, data, settings), the evaluation units, :func:`finish_job` (metadata) ->
+:func:`write_evaluation` (every output). :func:`run_evaluation` runs the units in turn;
+:func:`ctharden.flows.fanout.evaluate_fanout` runs them as tasks on a Dask cluster.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +32,7 @@ import torch
 from ctharden import pipeline
 from ctharden.config import section
 from ctharden.errors import DataError
-from ctharden.evaluate.robustness import EvalData, evaluate_robustness, load_eval_data
+from ctharden.evaluate.robustness import EvalData, evaluate_robustness, load_eval_data, model_set
 from ctharden.evaluate.settings import RobustnessSettings, job_settings
 from ctharden.io import atomic_write_json, atomic_write_text
 
@@ -90,15 +96,37 @@ def load_job_models(params: dict[str, Any], job: str, variant: str = "baseline"
     return model, others, summary
 
 
-def evaluate_job(params: dict[str, Any], job: str, variant: str = "baseline"
-                 ) -> tuple[dict[str, Any], dict[str, Any], torch.nn.Module, EvalData]:
-    """Evaluate one trained (or hardened) job; returns ``(result, visuals, model, data)``."""
+@dataclass
+class EvalJob:
+    """What one job's evaluation needs, loaded and checked (see :func:`prepare_job`)."""
+
+    job: str
+    variant: str
+    dataset: str
+    dataset_dir: Path
+    model: torch.nn.Module  # the selected (or hardened) model
+    fold_models: list[torch.nn.Module]
+    summary: dict[str, Any]  # the training (or harden) stage's summary
+    data: EvalData
+    settings: RobustnessSettings
+    seed: int
+    nps: Any  # NPSModel
+    profile: str | None
+
+    @property
+    def models(self) -> list[torch.nn.Module]:
+        """The NPS attacks' models, the selected one first."""
+        return model_set(self.model, self.fold_models, self.settings)
+
+
+def prepare_job(params: dict[str, Any], job: str, variant: str = "baseline") -> EvalJob:
+    """Check that the job's dataset is validated and unchanged since training, and load its
+    models, data and settings."""
     import dataclasses
 
     from ctharden.data.validation import require_validated
     from ctharden.train.job import job_config
 
-    t0 = time.perf_counter()
     cfg = job_config(params, job)
     ds_dir = pipeline.dataset_dir(params, cfg["dataset"])
     require_validated(ds_dir, pipeline.validation_dir(params, cfg["dataset"]))
@@ -110,21 +138,36 @@ def evaluate_job(params: dict[str, Any], job: str, variant: str = "baseline"
     settings: RobustnessSettings = job_settings(params, job).for_width(int(data.x_attack.shape[-1]))
     if variant == "hardened":  # one hardened model (of the selected fold): compare with the baseline's selected model
         settings = dataclasses.replace(settings, models="selected")
-    result, visuals = evaluate_robustness(
-        model, data, settings, seed=int(section(params, "seed")), fold_models=fold_models,
-        nps=noise_model(params),
-    )
+    return EvalJob(job, variant, cfg["dataset"], ds_dir, model, fold_models, summary, data, settings,
+                   int(section(params, "seed")), noise_model(params), params.get("profile"))
+
+
+def finish_job(ctx: EvalJob, result: dict[str, Any]) -> dict[str, Any]:
+    """Add the job, dataset, model and (hardened) hardening metadata to ``result`` (in place)."""
+    summary = ctx.summary
     result.update({
-        "job": job, "dataset": cfg["dataset"], "dataset_dir": str(ds_dir), "dataset_hash": data.info["content_hash"],
+        "job": ctx.job, "dataset": ctx.dataset, "dataset_dir": str(ctx.dataset_dir),
+        "dataset_hash": ctx.data.info["content_hash"],
         "model": {"file": summary["model_file"], "arch": summary["arch"], "selected_fold": summary["selected_fold"],
-                  "mlflow_run_id": summary["mlflow"]["run_id"], "config": model.config()},
-        "profile": params.get("profile"), "variant": variant,
+                  "mlflow_run_id": summary["mlflow"]["run_id"], "config": ctx.model.config()},
+        "profile": ctx.profile, "variant": ctx.variant,
     })
-    if variant == "hardened":
+    if ctx.variant == "hardened":
         result["hardening"] = {"method": summary["method"], "eps": summary["eps"], "norm": summary["norm"],
                                "eps_source": summary["eps_source"]}
+    return result
+
+
+def evaluate_job(params: dict[str, Any], job: str, variant: str = "baseline"
+                 ) -> tuple[dict[str, Any], dict[str, Any], torch.nn.Module, EvalData]:
+    """Evaluate one trained (or hardened) job; returns ``(result, visuals, model, data)``."""
+    t0 = time.perf_counter()
+    ctx = prepare_job(params, job, variant)
+    result, visuals = evaluate_robustness(ctx.model, ctx.data, ctx.settings, seed=ctx.seed,
+                                          fold_models=ctx.fold_models, nps=ctx.nps)
+    finish_job(ctx, result)
     log.info("evaluated %s in %.0f s", job, time.perf_counter() - t0)
-    return result, visuals, model, data
+    return result, visuals, ctx.model, ctx.data
 
 
 def write_job_figures(result: dict[str, Any], visuals: dict[str, Any], model: torch.nn.Module, plots_dir: Path,
@@ -225,32 +268,40 @@ def write_report(rep: Path, results: dict[str, dict[str, Any]],
     return {"html": html_path, "summary": md_path, **{k: v for k, v in shared.items() if v is not None}}
 
 
-def run_evaluation(params: dict[str, Any], jobs: list[str] | None = None, *, log_mlflow: bool = True,
-                   variant: str = "baseline") -> dict[str, Any]:
-    """Evaluate ``jobs`` (default: every training job) and write all outputs; returns the metrics.
-
-    ``variant="hardened"`` evaluates the harden stage's models the same way, and the report puts
-    each next to its baseline (from the baseline evaluation's metrics) with the hardening methods'
-    accuracy-vs-ε plot."""
+def evaluation_plan(params: dict[str, Any], jobs: list[str] | None = None, variant: str = "baseline"
+                    ) -> tuple[list[str], dict[str, Any] | None]:
+    """The jobs to evaluate (default: every training job) and, for ``variant="hardened"``, the
+    baseline metrics they are compared with; bad settings and missing baselines fail here, before
+    any work."""
     from ctharden.train.job import job_names
 
     names = jobs or job_names(params)
-    for job in names:  # bad settings fail before any work
+    for job in names:
         job_settings(params, job)
+    evaluation_paths(params, variant)
+    if variant != "hardened":
+        return names, None
+    base_path = evaluation_paths(params)["metrics"]
+    if not base_path.is_file():
+        raise DataError(f"evaluate the baselines first ({base_path} not found: run `ctharden stage evaluate`)")
+    baselines = pipeline.load_json(base_path)
+    missing = [j for j in names if j not in baselines]
+    if missing:
+        raise DataError(f"{base_path} has no baseline evaluation of {missing}: run `ctharden stage evaluate`")
+    return names, baselines
+
+
+def write_evaluation(params: dict[str, Any], evaluated: dict[str, tuple[dict[str, Any], dict[str, Any], torch.nn.Module]],
+                     *, variant: str = "baseline", jobs: list[str] | None = None, log_mlflow: bool = True,
+                     baselines: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write every output of the evaluation from ``{job: (result, visuals, model)}`` (job order
+    kept): per-job plot data and figures, the report, MLflow logging, and ``metrics`` last.
+    ``jobs`` (a subset was evaluated) keeps the other jobs' last metrics. Returns
+    :func:`run_evaluation`'s dict."""
     paths = evaluation_paths(params, variant)
-    baselines = None
-    if variant == "hardened":
-        base_path = evaluation_paths(params)["metrics"]
-        if not base_path.is_file():
-            raise DataError(f"evaluate the baselines first ({base_path} not found: run `ctharden stage evaluate`)")
-        baselines = pipeline.load_json(base_path)
-        missing = [j for j in names if j not in baselines]
-        if missing:
-            raise DataError(f"{base_path} has no baseline evaluation of {missing}: run `ctharden stage evaluate`")
     results: dict[str, dict[str, Any]] = {}
     figures: dict[str, dict[str, Path | None]] = {}
-    for job in names:
-        result, visuals, model, _ = evaluate_job(params, job, variant)
+    for job, (result, visuals, model) in evaluated.items():
         figures[job] = write_job_figures(result, visuals, model, paths["plots"] / job, paths["reports"] / job)
         if variant == "hardened":
             from ctharden.train.harden_stage import harden_paths
@@ -272,3 +323,20 @@ def run_evaluation(params: dict[str, Any], jobs: list[str] | None = None, *, log
         metrics = {**pipeline.load_json(paths["metrics"]), **metrics}
     atomic_write_json(paths["metrics"], metrics)
     return {"metrics": metrics, "report": {k: str(v) for k, v in report.items()}}
+
+
+def run_evaluation(params: dict[str, Any], jobs: list[str] | None = None, *, log_mlflow: bool = True,
+                   variant: str = "baseline") -> dict[str, Any]:
+    """Evaluate ``jobs`` (default: every training job) and write all outputs; returns the metrics.
+
+    ``variant="hardened"`` evaluates the harden stage's models the same way, and the report puts
+    each next to its baseline (from the baseline evaluation's metrics) with the hardening methods'
+    accuracy-vs-ε plot. :func:`ctharden.flows.fanout.evaluate_fanout` is the same with the
+    evaluation units spread over a Dask cluster."""
+    names, baselines = evaluation_plan(params, jobs, variant)
+    evaluated = {}
+    for job in names:
+        result, visuals, model, _ = evaluate_job(params, job, variant)
+        evaluated[job] = (result, visuals, model)
+    return write_evaluation(params, evaluated, variant=variant, jobs=jobs, log_mlflow=log_mlflow,
+                            baselines=baselines)

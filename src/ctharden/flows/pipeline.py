@@ -1,15 +1,26 @@
 """Prefect flows: the same stages as dvc.yaml, calling the same library functions.
 
 - ``data_flow``: ingest and validate every dataset (:mod:`ctharden.pipeline`);
-- ``pipeline_flow``: ``data_flow``, then every training job (:mod:`ctharden.train.job`), the
-  robustness evaluation of every trained job (:mod:`ctharden.evaluate.stage`) with its report, the
-  ε search (:mod:`ctharden.tune`), hardening (:mod:`ctharden.train.harden_stage`) and the
-  evaluation of the hardened models next to their baselines.
+- ``harden_pipeline``: ``data_flow`` -> train every job (:mod:`ctharden.train.job`) -> evaluate
+  (:mod:`ctharden.evaluate.stage`) -> gate (:mod:`ctharden.evaluate.gate`) -> tune ε
+  (:mod:`ctharden.tune`) -> harden (:mod:`ctharden.train.harden_stage`) -> evaluate the hardened
+  models -> gate -> register (:mod:`ctharden.registry`), with a markdown artifact per stage and a
+  final summary artifact;
+- ``reevaluate_champion``: re-run the robustness evaluation and the gate on each job's registered
+  ``champion`` with the current data (the nightly deployment, :mod:`ctharden.flows.deployments`).
 
 Run without a server (Prefect starts a temporary local API):
 
     python flows/pipeline.py                       # the whole pipeline, embedded default profile
     python flows/pipeline.py --profile smoke --only data
+    python flows/pipeline.py --runner dask         # training folds and evaluation units on Dask
+
+Caching: every stage task is cached on its inputs (Prefect ``INPUTS + TASK_SOURCE``). The inputs
+are the resolved params, the stage's upstream results (content hashes, MLflow run ids) and a
+fingerprint of the package source and of the raw data, so re-running with unchanged data, params
+and code returns the cached results at once, and a change anywhere upstream re-runs what depends
+on it. A task whose output files are gone is re-run (``refresh_cache``). The gate and registration
+are cheap and never cached (the registry is external state).
 
 I/O tasks retry on transient OS errors only; bad input (a CthardenError) fails at once, since
 retrying a corrupt file cannot help. The flow publishes a markdown artifact summarising the
@@ -19,14 +30,17 @@ validation of every dataset and fails if any dataset is invalid, before anything
 from __future__ import annotations
 
 import argparse
+import hashlib
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import INPUTS, TASK_SOURCE
 
 from ctharden import pipeline
-from ctharden.config import load_params
+from ctharden.config import load_params, section
 from ctharden.errors import CthardenError, ValidationFailed
 
 
@@ -43,15 +57,48 @@ def _transient(task_: Any, task_run: Any, state: Any) -> bool:
     return False
 
 
-@task(name="ingest", retries=2, retry_delay_seconds=2, retry_condition_fn=_transient, task_run_name="ingest-{name}")
-def ingest_task(params: dict[str, Any], name: str) -> dict[str, Any]:
-    """Build one configured dataset (see :func:`ctharden.pipeline.ingest`)."""
+CACHE = INPUTS + TASK_SOURCE
+
+
+def code_fingerprint() -> str:
+    """SHA-256 of the package's source files: a code change invalidates every cached stage."""
+    import ctharden
+
+    root = Path(ctharden.__file__).parent
+    h = hashlib.sha256()
+    for f in sorted(root.rglob("*.py")):
+        h.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()
+
+
+def source_fingerprint(params: dict[str, Any], name: str) -> str:
+    """SHA-256 of dataset ``name``'s raw source files (paths and bytes); "" for generated data."""
+    spec = section(params, "datasets").get(name) or {}
+    root = Path(spec.get("root", "")) if spec.get("root") else None
+    if root is None or not root.exists():
+        return ""
+    h = hashlib.sha256()
+    for f in sorted(p for p in root.rglob("*") if p.is_file()):
+        h.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()
+
+
+def fresh(task_: Any, *outputs: Path | str) -> Any:
+    """``task_`` set to recompute (and re-cache) when any of its output files is missing."""
+    return task_.with_options(refresh_cache=not all(Path(o).exists() for o in outputs))
+
+
+@task(name="ingest", retries=2, retry_delay_seconds=2, retry_condition_fn=_transient, task_run_name="ingest-{name}",
+      cache_policy=CACHE, persist_result=True)
+def ingest_task(params: dict[str, Any], name: str, fingerprint: str = "") -> dict[str, Any]:
+    """Build one configured dataset (see :func:`ctharden.pipeline.ingest`); ``fingerprint`` (raw
+    data and code) only keys the cache."""
     return pipeline.ingest(params, name)
 
 
 @task(name="validate", retries=2, retry_delay_seconds=2, retry_condition_fn=_transient,
-      task_run_name="validate-{name}")
-def validate_task(params: dict[str, Any], name: str) -> dict[str, Any]:
+      task_run_name="validate-{name}", cache_policy=CACHE, persist_result=True)
+def validate_task(params: dict[str, Any], name: str, ingested: dict[str, Any] | None = None) -> dict[str, Any]:
     """Validate one dataset; returns its summary, with ``success`` False rather than raising."""
     try:
         return pipeline.validate(params, name)
@@ -68,8 +115,15 @@ def data_flow(
     """Ingest and validate every dataset in params.yaml; fail if any is invalid."""
     params = load_params(params_path, profile, list(overrides))
     names = pipeline.dataset_names(params)
-    ingested = {name: ingest_task.submit(params, name) for name in names}
-    results = {name: validate_task.submit(params, name, wait_for=[ingested[name]]) for name in names}
+    code = code_fingerprint()
+    ingested = {}
+    for name in names:
+        out = [pipeline.metrics_path(params, "ingest", name), pipeline.dataset_dir(params, name) / "dataset.json"]
+        ingested[name] = fresh(ingest_task, *out).submit(params, name, code + source_fingerprint(params, name))
+    results = {}
+    for name in names:
+        out = [pipeline.metrics_path(params, "validate", name), pipeline.validation_dir(params, name) / "validation.json"]
+        results[name] = fresh(validate_task, *out).submit(params, name, ingested[name])
     for fut in ingested.values():
         fut.result()  # re-raises an ingest error as itself (it names the bad file)
     summaries = {name: fut.result() for name, fut in results.items()}
@@ -84,34 +138,39 @@ def data_flow(
     return summaries
 
 
-@task(name="train", task_run_name="train-{job}")
-def train_task(params: dict[str, Any], job: str) -> dict[str, Any]:
-    """Run one training job (see :func:`ctharden.train.job.run_training_job`); its MLflow run is its own."""
+@task(name="train", task_run_name="train-{job}", cache_policy=CACHE, persist_result=True)
+def train_task(params: dict[str, Any], job: str, upstream: Any = None) -> dict[str, Any]:
+    """Run one training job (see :func:`ctharden.train.job.run_training_job`); its MLflow run is its own.
+    ``upstream`` (the validated dataset's summary, the code fingerprint) only keys the cache."""
     from ctharden.train.job import run_training_job
 
     return run_training_job(params, job, progress=False)
 
 
-@task(name="evaluate", retries=1, retry_delay_seconds=2, retry_condition_fn=_transient)
-def evaluate_task(params: dict[str, Any], variant: str = "baseline") -> dict[str, Any]:
+@task(name="evaluate", retries=1, retry_delay_seconds=2, retry_condition_fn=_transient, cache_policy=CACHE,
+      persist_result=True, task_run_name="evaluate-{variant}")
+def evaluate_task(params: dict[str, Any], variant: str = "baseline", upstream: Any = None) -> dict[str, Any]:
     """Robustness evaluation of every trained (or hardened) job (see
     :func:`ctharden.evaluate.stage.run_evaluation`); publishes the report's summary (Table 2, PGD,
     sanity verdicts, baseline vs hardened) as a markdown artifact."""
-    from pathlib import Path
-
     from ctharden.evaluate.stage import run_evaluation
 
     out = run_evaluation(params, variant=variant)
+    publish_evaluation(out, variant)
+    return out
+
+
+def publish_evaluation(out: dict[str, Any], variant: str) -> None:
+    """The evaluation's markdown summary as a Prefect artifact."""
     create_markdown_artifact(
         key="robustness" if variant == "baseline" else "robustness-hardened",
         markdown=Path(out["report"]["summary"]).read_text(),
         description=f"NPS attacks (SAN/N %), 100-PGD robust accuracy and sanity checks; report {out['report']['html']}",
     )
-    return out
 
 
-@task(name="tune", task_run_name="tune-{job}")
-def tune_task(params: dict[str, Any], job: str) -> dict[str, Any]:
+@task(name="tune", task_run_name="tune-{job}", cache_policy=CACHE, persist_result=True)
+def tune_task(params: dict[str, Any], job: str, upstream: Any = None) -> dict[str, Any]:
     """The job's training ε by Optuna, seeded by IMA's margins (see :func:`ctharden.tune.tune_job`)."""
     from ctharden.tune import trials_markdown, tune_job
 
@@ -122,8 +181,8 @@ def tune_task(params: dict[str, Any], job: str) -> dict[str, Any]:
     return out
 
 
-@task(name="harden", task_run_name="harden-{job}")
-def harden_task(params: dict[str, Any], job: str) -> dict[str, Any]:
+@task(name="harden", task_run_name="harden-{job}", cache_policy=CACHE, persist_result=True)
+def harden_task(params: dict[str, Any], job: str, upstream: Any = None) -> dict[str, Any]:
     """Harden the job's baseline and compare methods (see :func:`ctharden.train.harden_stage.harden_job`)."""
     from ctharden.train.harden_stage import curves_markdown, harden_job
 
@@ -134,30 +193,179 @@ def harden_task(params: dict[str, Any], job: str) -> dict[str, Any]:
     return out
 
 
-@flow(name="ctharden-pipeline")
-def pipeline_flow(
-    profile: str | None = None, params_path: str = "params.yaml", overrides: Sequence[str] = ()
-) -> dict[str, Any]:
-    """Ingest + validate every dataset, train every configured job (sequentially: CPU-bound),
-    evaluate their robustness, tune ε, harden, and evaluate the hardened models."""
-    from ctharden.train.job import job_names
+@task(name="gate", task_run_name="gate-{variant}")
+def gate_task(params: dict[str, Any], variant: str, upstream: Any = None) -> dict[str, Any]:
+    """Decide every gate criterion for the evaluated ``variant`` (see :func:`ctharden.evaluate.gate.run_gate`),
+    never raising on a failed gate (registration refuses it); publishes the gate table."""
+    from ctharden.evaluate.gate import gate_markdown, run_gate
 
-    data = data_flow(profile=profile, params_path=params_path, overrides=overrides)
-    params = load_params(params_path, profile, list(overrides))
-    trained = {job: train_task(params, job) for job in job_names(params)}
+    gated = run_gate(params, variant)
+    create_markdown_artifact(key=f"gate-{variant}", markdown=f"# Robustness gate ({variant})\n\n" + gate_markdown(gated),
+                             description=f"every gate criterion of the {variant} models: value, threshold, verdict")
+    return gated
+
+
+@task(name="register", retries=2, retry_delay_seconds=5, retry_condition_fn=_transient)
+def register_task(params: dict[str, Any], upstream: Any = None) -> dict[str, Any]:
+    """Register every model that passed its gate (see :func:`ctharden.registry.register`); publishes the outcome."""
+    from ctharden.registry import register, register_markdown
+
+    summary = register(params)
+    create_markdown_artifact(key="registry", markdown="# Model registry\n\n" + register_markdown(summary),
+                             description="gate verdict and registry outcome per job and model")
+    return summary
+
+
+def _training_markdown(trained: dict[str, dict[str, Any]]) -> str:
     rows = ["| job | dataset | test AUC (mean ± std) | accuracy | MLflow run |", "|---|---|---|---|---|"]
     for job, s in trained.items():
         auc, acc = s["test_mean_std"]["auc"], s["test_mean_std"]["accuracy"]
         auc_txt = f"{auc['mean']:.3f} ± {auc['std']:.3f}" if auc["mean"] is not None else "n/a"
         rows.append(f"| {job} | {s['dataset']} | {auc_txt} | {acc['mean']:.3f} | {s['mlflow']['run_id']} |")
-    create_markdown_artifact(key="training", markdown="# Training\n\n" + "\n".join(rows),
+    return "# Training\n\n" + "\n".join(rows)
+
+
+def summary_markdown(result: dict[str, Any], params: dict[str, Any]) -> str:
+    """The final summary: per job the baseline's and the hardened model's gate verdicts, the chosen
+    ε and the registry outcome, with links to the reports."""
+    from ctharden.evaluate.stage import evaluation_paths
+
+    lines = [f"# ctharden pipeline (profile {params.get('profile')})", "",
+             "| job | baseline gate | tuned ε | hardened gate | registry | champion |", "|---|---|---|---|---|---|"]
+    reg = result["register"]
+    for job in result["train"]:
+        b = result["gate_baseline"].get("baseline", {}).get(job)
+        h = result["gate_hardened"].get("hardened", {}).get(job)
+        eps = result["tune"][job].get("eps")
+        outcome = "; ".join(f"{o['variant']}: {o['status']}" + (f" v{o['version']}" if o.get("version") else "")
+                            for o in reg["jobs"].get(job, []))
+        champ = reg["champions"].get(job) or {}
+        lines.append(f"| {job} | {'passed' if b and b['passed'] else 'FAILED'} | "
+                     f"{'n/a' if eps is None else f'{eps:.4g}'} | {'passed' if h and h['passed'] else 'FAILED'} | "
+                     f"{outcome} | {champ.get('uri') or 'none'} (v{champ.get('version')}) |")
+    lines += ["", f"Reports: {evaluation_paths(params)['reports'] / 'index.html'} (baselines), "
+              f"{evaluation_paths(params, 'hardened')['reports'] / 'index.html'} (baseline vs hardened)."]
+    return "\n".join(lines)
+
+
+def _train_and_evaluate(params: dict[str, Any], data: dict[str, Any], code: str, runner: str
+                        ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Train every job, then evaluate them: stage tasks (serial) or fold/unit tasks (dask)."""
+    from ctharden.evaluate.stage import evaluation_paths
+    from ctharden.train.job import job_config, job_dirs, job_names
+
+    jobs = job_names(params)
+    if runner == "dask":
+        from ctharden.flows.fanout import evaluate_fanout, train_fanout
+
+        trained = {job: train_fanout(params, job) for job in jobs}
+        evaluated = evaluate_fanout(params, "baseline")
+        publish_evaluation(evaluated, "baseline")
+        return trained, evaluated
+    trained = {}
+    for job in jobs:  # sequentially: each job uses every core
+        ds = data[job_config(params, job)["dataset"]]
+        trained[job] = fresh(train_task, job_dirs(params, job)["metrics"]).submit(
+            params, job, {"code": code, "dataset": ds["content_hash"]}).result()
+    upstream = {"code": code, "runs": {j: s["mlflow"]["run_id"] for j, s in trained.items()}}
+    evaluated = fresh(evaluate_task, evaluation_paths(params)["metrics"]).submit(params, "baseline", upstream).result()
+    return trained, evaluated
+
+
+@flow(name="harden-pipeline")
+def harden_pipeline(
+    profile: str | None = None, params_path: str = "params.yaml", overrides: Sequence[str] = (),
+    runner: str = "serial",
+) -> dict[str, Any]:
+    """ingest -> validate -> train -> evaluate -> gate -> tune ε -> harden -> evaluate -> gate -> register.
+
+    ``runner="dask"``: CV folds and evaluation units run as separate tasks on the flow's task
+    runner (give the flow a ``DaskTaskRunner``: see :func:`run_pipeline`)."""
+    from ctharden.evaluate.stage import evaluation_paths
+    from ctharden.train.harden_stage import harden_paths
+    from ctharden.tune import tune_paths
+
+    data = data_flow(profile=profile, params_path=params_path, overrides=overrides)
+    params = load_params(params_path, profile, list(overrides))
+    code = code_fingerprint()
+    trained, evaluated = _train_and_evaluate(params, data, code, runner)
+    create_markdown_artifact(key="training", markdown=_training_markdown(trained),
                              description="clean test metrics over folds per training job")
-    evaluated = evaluate_task(params)
-    tuned = {job: tune_task(params, job) for job in trained}
-    hardened = {job: harden_task(params, job) for job in trained}
-    evaluated_hardened = evaluate_task(params, "hardened")
-    return {"data": data, "train": trained, "evaluate": evaluated, "tune": tuned, "harden": hardened,
-            "evaluate_hardened": evaluated_hardened}
+    gate_baseline = gate_task(params, "baseline", {j: r["headline"] for j, r in evaluated["metrics"].items()})
+    tuned, hardened = {}, {}
+    for job, s in trained.items():
+        up = {"code": code, "run": s["mlflow"]["run_id"]}
+        tuned[job] = fresh(tune_task, tune_paths(params, job)["metrics"]).submit(params, job, up).result()
+        hardened[job] = fresh(harden_task, harden_paths(params, job)["metrics"]).submit(
+            params, job, {**up, "eps": tuned[job].get("eps")}).result()
+    upstream = {"code": code, "runs": {j: h["mlflow"]["run_id"] for j, h in hardened.items()},
+                "baseline": {j: r["headline"] for j, r in evaluated["metrics"].items()}}
+    evaluated_hardened = fresh(evaluate_task, evaluation_paths(params, "hardened")["metrics"]).submit(
+        params, "hardened", upstream).result()
+    gate_hardened = gate_task(params, "hardened", {j: r["headline"] for j, r in evaluated_hardened["metrics"].items()})
+    registered = register_task(params, gate_hardened)
+    result = {"data": data, "train": trained, "evaluate": evaluated, "gate_baseline": gate_baseline, "tune": tuned,
+              "harden": hardened, "evaluate_hardened": evaluated_hardened, "gate_hardened": gate_hardened,
+              "register": registered}
+    create_markdown_artifact(key="pipeline-summary", markdown=summary_markdown(result, params),
+                             description="gate verdicts, tuned ε and registry outcome per job")
+    return result
+
+
+@task(name="reevaluate-champion", task_run_name="reevaluate-{job}", retries=1, retry_delay_seconds=5,
+      retry_condition_fn=_transient)
+def reevaluate_champion_task(params: dict[str, Any], job: str) -> dict[str, Any] | None:
+    """Evaluate and gate the job's registered champion on the current data (see
+    :func:`ctharden.registry.reevaluate_champion`); None when the job has no champion."""
+    from ctharden.registry import reevaluate_champion
+
+    return reevaluate_champion(params, job)
+
+
+@flow(name="reevaluate-champion")
+def reevaluate_champion(
+    profile: str | None = None, params_path: str = "params.yaml", overrides: Sequence[str] = (),
+    jobs: Sequence[str] | None = None,
+) -> dict[str, Any]:
+    """The nightly check: ingest + validate the current data, then evaluate and gate every job's
+    ``champion``; tags each champion version with the verdict and fails if any champion now fails."""
+    from ctharden.errors import DataError, GateFailed
+    from ctharden.evaluate.gate import gate_markdown, reasons
+    from ctharden.train.job import job_names
+
+    data_flow(profile=profile, params_path=params_path, overrides=overrides)
+    params = load_params(params_path, profile, list(overrides))
+    results = {job: reevaluate_champion_task(params, job) for job in (jobs or job_names(params))}
+    checked = {job: r for job, r in results.items() if r is not None}
+    if not checked:
+        raise DataError(f"no registered champion for {', '.join(results)}: run the harden pipeline first")
+    create_markdown_artifact(
+        key="champion-reevaluation",
+        markdown="# Nightly re-evaluation of the champions\n\n" + gate_markdown(
+            {"champion": {job: r["gate"] for job, r in checked.items()}})
+        + "".join(f"\n\n- {job}: {r['model_uri']} (version {r['version']}), report {r['report']}"
+                  for job, r in checked.items()),
+        description="robustness gate of every registered champion on the current data")
+    failed = [f"{job}: {reasons(r['gate'])}" for job, r in checked.items() if not r["gate"]["passed"]]
+    if failed:
+        raise GateFailed("champion no longer passes the gate: " + " | ".join(failed))
+    return results
+
+
+def run_pipeline(profile: str | None = None, params_path: str = "params.yaml", overrides: Sequence[str] = (),
+                 runner: str = "serial", address: str | None = None, n_workers: int | None = None) -> dict[str, Any]:
+    """Run :func:`harden_pipeline` with the task runner ``runner`` ("serial" or "dask"; ``address``
+    of an existing Dask scheduler, else a LocalCluster, also from params ``dask.address``)."""
+    if runner == "serial":
+        return harden_pipeline(profile=profile, params_path=params_path, overrides=overrides)
+    from ctharden.flows.fanout import task_runner
+
+    params = load_params(params_path, profile, list(overrides))
+    cfg = params.get("dask") or {}
+    tr = task_runner(runner, address=address or cfg.get("address"), n_workers=n_workers or cfg.get("n_workers"))
+    return harden_pipeline.with_options(task_runner=tr)(
+        profile=profile, params_path=params_path, overrides=overrides, runner=runner)
+
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -165,10 +373,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--profile", default=None)
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--set", action="append", default=[], dest="overrides")
-    parser.add_argument("--only", choices=["data", "all"], default="all")
+    parser.add_argument("--only", choices=["data", "all", "champion"], default="all",
+                        help="data: ingest + validate; all: the harden pipeline; champion: re-evaluate the champions")
+    parser.add_argument("--runner", choices=["serial", "dask"], default="serial",
+                        help="dask: CV folds and evaluation units on a Dask cluster (params dask.address or a LocalCluster)")
+    parser.add_argument("--dask-address", default=None, help="scheduler address of an existing Dask cluster")
     args = parser.parse_args(argv)
-    run = data_flow if args.only == "data" else pipeline_flow
-    run(profile=args.profile, params_path=args.params, overrides=args.overrides)
+    if args.only == "data":
+        data_flow(profile=args.profile, params_path=args.params, overrides=args.overrides)
+    elif args.only == "champion":
+        reevaluate_champion(profile=args.profile, params_path=args.params, overrides=args.overrides)
+    else:
+        run_pipeline(args.profile, args.params, args.overrides, args.runner, args.dask_address)
 
 
 if __name__ == "__main__":

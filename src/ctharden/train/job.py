@@ -13,13 +13,21 @@ nested run per fold (per-epoch metrics, the fold's model file). Outputs on disk:
 output so that DVC never deletes it before a re-run),
 ``reports/train/<job>/`` (PNG plots, Table-1-style markdown), ``plots/train/<job>/`` (ROC and
 predictions CSV for ``dvc plots``), ``metrics/train/<job>.json``.
+
+Steps: :func:`prepare_training` (config, validated data, parent run) -> :func:`train_one_fold` per
+fold (seeded by ``init_seed(seed, k)``, so folds are independent and may run in other processes:
+:func:`ctharden.flows.fanout.train_fanout`) -> :func:`finish_training` (selection, final model,
+plots, summary; ends the parent run). :func:`run_training_job` runs the folds one after another.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -110,79 +118,178 @@ def _evaluate(model: torch.nn.Module, data: ArraySet, runtime: Any) -> tuple[dic
     return binary_metrics(data.y.numpy(), scores), scores
 
 
-def run_training_job(params: dict[str, Any], job: str, *, progress: bool = True) -> dict[str, Any]:
-    """Run training job ``job`` end to end; returns (and writes) its metrics summary."""
-    import mlflow
+@dataclass
+class TrainJob:
+    """A training job's resolved inputs: config, validated data, folds; after
+    :func:`prepare_training` also its parent MLflow run (``run_id``) and start time."""
 
+    job: str
+    cfg: dict[str, Any]
+    seed: int
+    dataset: str
+    info: dict[str, Any]  # dataset.json
+    validation: dict[str, Any]
+    loop_cfg: TrainConfig
+    runtime: Any  # ctharden.device.Runtime
+    threads: int
+    dirs: dict[str, Path]
+    data: ArraySet  # the whole dataset in model-input units
+    split: np.ndarray  # (N,) "train"/"test"
+    fold_col: np.ndarray  # (N,) fold of each training sample
+    test: ArraySet
+    n_folds: int
+    folds: list[int]  # the folds this job trains
+    profile: str | None
+    data_version: dict[str, Any] | None = None
+    run_id: str = ""  # the parent MLflow run, once started
+    experiment_id: str | None = None
+    tracking_uri: str | None = None
+    t0: float = 0.0
+
+    @property
+    def task(self) -> str:
+        return str(self.info["task"])
+
+
+@dataclass
+class FoldRecord:
+    """One trained fold: its summary row (``fold``, ``best_epoch``, ``val``/``test`` metrics,
+    ``mlflow_run_id``, ``history``) and its model's positive scores on the test split ``(n_test,)``."""
+
+    info: dict[str, Any]
+    test_scores: np.ndarray
+
+
+def load_train_job(params: dict[str, Any], job: str) -> TrainJob:
+    """Resolve job ``job``'s config and load its validated dataset (no MLflow); sets torch's threads."""
     cfg = job_config(params, job)
     seed = int(section(params, "seed"))
     ds_name = cfg.get("dataset")
     ds_dir = pipeline.dataset_dir(params, ds_name)
     validation = require_validated(ds_dir, pipeline.validation_dir(params, ds_name))
     info = read_info(ds_dir)
-    task = info["task"]
     loop_cfg = _loop_config(cfg, seed)
     runtime = select_runtime(str(cfg.get("device", "auto")), str(cfg.get("precision", "auto")))
     threads = set_threads(cfg.get("threads", "auto"))
-    dirs = job_dirs(params, job)
-    labels = [info["label_names"][k] for k in sorted(info["label_names"], key=int)]
-
-    probe = build_job_model(cfg, task, seed)
+    probe = build_job_model(cfg, info["task"], seed)
     data = load_arrayset(ds_dir, probe)
     split = data.manifest["split"].to_numpy()
-    fold_col = data.manifest["fold"].to_numpy()
-    test = data.subset(split == "test")
     n_folds = int(info["split"]["n_folds"])
     want = cfg.get("folds", "all")
-    folds = list(range(n_folds if want == "all" else min(int(want), n_folds)))
-    data_version = pipeline.data_version(params)
+    return TrainJob(
+        job=job, cfg=cfg, seed=seed, dataset=ds_name, info=info, validation=validation, loop_cfg=loop_cfg,
+        runtime=runtime, threads=threads, dirs=job_dirs(params, job), data=data, split=split,
+        fold_col=data.manifest["fold"].to_numpy(), test=data.subset(split == "test"), n_folds=n_folds,
+        folds=list(range(n_folds if want == "all" else min(int(want), n_folds))), profile=params.get("profile"),
+    )
 
+
+def prepare_training(params: dict[str, Any], job: str) -> TrainJob:
+    """:func:`load_train_job`, then start the job's parent MLflow run (left active in the calling
+    thread) and log its params, tags and dataset record. End it with :func:`finish_training` or
+    :func:`abort_training`."""
+    import mlflow
+
+    ctx = load_train_job(params, job)
+    ctx.data_version = pipeline.data_version(params)
     tracking = tracking_from_params(params)
-    exp_id = configure(tracking)
-    t0 = time.perf_counter()
-    per_fold: list[dict[str, Any]] = []
-    fold_scores: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    with mlflow.start_run(run_name=f"train-{job}", log_system_metrics=bool(cfg.get("log_system_metrics", True))) as parent:
-        mlflow.log_params(flatten({"job": job, **cfg, "seed": seed, "profile": params.get("profile")}))
+    ctx.experiment_id, ctx.tracking_uri = configure(tracking), tracking.uri
+    ctx.t0 = time.perf_counter()
+    cfg, info = ctx.cfg, ctx.info
+    parent = mlflow.start_run(run_name=f"train-{job}", log_system_metrics=bool(cfg.get("log_system_metrics", True)))
+    ctx.run_id = parent.info.run_id
+    try:
+        mlflow.log_params(flatten({"job": job, **cfg, "seed": ctx.seed, "profile": params.get("profile")}))
         mlflow.log_dict(params, "params_resolved.json")
         mlflow.set_tags({
-            "ctharden.job": job, "ctharden.task": task, "ctharden.dataset": ds_name,
-            "ctharden.dataset_hash": info["content_hash"], "ctharden.data_dvc_md5": str(data_version["data_dvc_md5"]),
-            "ctharden.runtime": runtime.name, "ctharden.threads": str(threads),
-            "ctharden.validated": str(validation.get("success")),
+            "ctharden.job": job, "ctharden.task": ctx.task, "ctharden.dataset": ctx.dataset,
+            "ctharden.dataset_hash": info["content_hash"],
+            "ctharden.data_dvc_md5": str(ctx.data_version["data_dvc_md5"]),
+            "ctharden.runtime": ctx.runtime.name, "ctharden.threads": str(ctx.threads),
+            "ctharden.validated": str(ctx.validation.get("success")),
         })
         mlflow.log_dict(info, "dataset.json")
-        for k in folds:
-            if n_folds == 1:
-                tr, va = data.subset(split == "train"), None
-            else:
-                tr = data.subset((split == "train") & (fold_col != k))
-                va = data.subset((split == "train") & (fold_col == k))
-            model = build_job_model(cfg, task, init_seed(seed, k))
-            with mlflow.start_run(run_name=f"{job}-fold{k}", nested=True) as fold_run:
-                mlflow.log_params({"fold": k, "n_train": len(tr), "n_val": len(va) if va else 0, "n_test": len(test)})
-                result = train_fold(
-                    model, tr, va, loop_cfg, runtime, dirs["checkpoints"] / f"fold{k}" / "last.pt",
-                    fold=k, data_hash=info["content_hash"], progress=progress,
-                    on_epoch=lambda e, m: mlflow.log_metrics({n: v for n, v in m.items() if np.isfinite(v)}, step=e),
-                )
-                model.load_state_dict(result.best_state)
-                val_m = _evaluate(model, va, runtime)[0] if va else None
-                test_m, test_scores = _evaluate(model, test, runtime)
-                fold_scores[f"fold {k}"] = (test.y.numpy(), test_scores)
-                model_path = save_model(dirs["models"] / f"fold{k}" / "model.pt", model,
-                                        meta={"job": job, "fold": k, "dataset_hash": info["content_hash"],
-                                              "best_epoch": result.best_epoch, "mlflow_run_id": fold_run.info.run_id})
-                mlflow.log_artifact(str(model_path), MODEL_FILE_ARTIFACT)
-                final = {f"test_{n}": v for n, v in test_m.items() if isinstance(v, (int, float))}
-                if val_m:
-                    final.update({f"val_{n}": v for n, v in val_m.items() if isinstance(v, (int, float))})
-                mlflow.log_metrics({**final, "best_epoch": result.best_epoch})
-                per_fold.append({"fold": k, "best_epoch": result.best_epoch, "resumed_from_epoch": result.resumed_from_epoch,
-                                 "val": val_m, "test": test_m, "mlflow_run_id": fold_run.info.run_id,
-                                 "history": result.history})
+    except BaseException:
+        abort_training(ctx)
+        raise
+    return ctx
+def train_one_fold(params: dict[str, Any], job: str, fold: int, parent_run_id: str, *, progress: bool = False,
+                   context: TrainJob | None = None) -> FoldRecord:
+    """Train fold ``fold`` of job ``job`` (trains on the other training folds, selects on this one),
+    save ``<models>/fold<k>/model.pt`` and log a nested MLflow run under ``parent_run_id``.
 
-        selected = _select_fold(per_fold, loop_cfg)
+    Runs in any thread or process: the parent run is named explicitly (MLflow's active run is per
+    thread). ``context``: the job's :class:`TrainJob` when already loaded in this process."""
+    import mlflow
+
+    if context is None:
+        context = load_train_job(params, job)
+        configure(tracking_from_params(params))
+    ctx = context
+    info, split, test = ctx.info, ctx.split, ctx.test
+    if ctx.n_folds == 1:
+        tr, va = ctx.data.subset(split == "train"), None
+    else:
+        tr = ctx.data.subset((split == "train") & (ctx.fold_col != fold))
+        va = ctx.data.subset((split == "train") & (ctx.fold_col == fold))
+    model = build_job_model(ctx.cfg, ctx.task, init_seed(ctx.seed, fold))
+    with mlflow.start_run(run_name=f"{job}-fold{fold}", nested=True, parent_run_id=parent_run_id) as fold_run:
+        mlflow.log_params({"fold": fold, "n_train": len(tr), "n_val": len(va) if va else 0, "n_test": len(test)})
+        result = train_fold(
+            model, tr, va, ctx.loop_cfg, ctx.runtime, ctx.dirs["checkpoints"] / f"fold{fold}" / "last.pt",
+            fold=fold, data_hash=info["content_hash"], progress=progress,
+            on_epoch=lambda e, m: mlflow.log_metrics({n: v for n, v in m.items() if np.isfinite(v)}, step=e),
+        )
+        model.load_state_dict(result.best_state)
+        val_m = _evaluate(model, va, ctx.runtime)[0] if va else None
+        test_m, test_scores = _evaluate(model, test, ctx.runtime)
+        model_path = save_model(ctx.dirs["models"] / f"fold{fold}" / "model.pt", model,
+                                meta={"job": job, "fold": fold, "dataset_hash": info["content_hash"],
+                                      "best_epoch": result.best_epoch, "mlflow_run_id": fold_run.info.run_id})
+        mlflow.log_artifact(str(model_path), MODEL_FILE_ARTIFACT)
+        final = {f"test_{n}": v for n, v in test_m.items() if isinstance(v, (int, float))}
+        if val_m:
+            final.update({f"val_{n}": v for n, v in val_m.items() if isinstance(v, (int, float))})
+        mlflow.log_metrics({**final, "best_epoch": result.best_epoch})
+    row = {"fold": fold, "best_epoch": result.best_epoch, "resumed_from_epoch": result.resumed_from_epoch,
+           "val": val_m, "test": test_m, "mlflow_run_id": fold_run.info.run_id, "history": result.history}
+    return FoldRecord(row, test_scores)
+
+
+@contextlib.contextmanager
+def _parent_run(ctx: TrainJob) -> Iterator[Any]:
+    """The job's parent run as the active run of this thread, ended (FINISHED, or FAILED on an
+    error) when the block exits."""
+    import mlflow
+
+    active = mlflow.active_run()
+    run = active if active is not None and active.info.run_id == ctx.run_id else mlflow.start_run(run_id=ctx.run_id)
+    with run:
+        yield run
+
+
+def abort_training(ctx: TrainJob) -> None:
+    """End the job's parent run as FAILED (after an error between prepare and finish)."""
+    import mlflow
+
+    active = mlflow.active_run()
+    if active is not None and active.info.run_id == ctx.run_id:
+        mlflow.end_run("FAILED")
+    elif ctx.run_id:
+        mlflow.MlflowClient().set_terminated(ctx.run_id, "FAILED")
+
+
+def finish_training(ctx: TrainJob, records: list[FoldRecord]) -> dict[str, Any]:
+    """Select the fold, write the final model, plots, table and ``metrics/train/<job>.json``, log
+    them to the parent run and end it; returns the job's summary. ``records`` in fold order."""
+    import mlflow
+
+    job, dirs, test, runtime = ctx.job, ctx.dirs, ctx.test, ctx.runtime
+    per_fold = [r.info for r in records]
+    fold_scores = {f"fold {r.info['fold']}": (test.y.numpy(), r.test_scores) for r in records}
+    labels = [ctx.info["label_names"][k] for k in sorted(ctx.info["label_names"], key=int)]
+    with _parent_run(ctx):
+        selected = _select_fold(per_fold, ctx.loop_cfg)
         final_path = dirs["models"] / "model.pt"
         shutil.copyfile(dirs["models"] / f"fold{selected['fold']}" / "model.pt", final_path)
         final_model, _ = load_model(final_path)
@@ -203,18 +310,41 @@ def run_training_job(params: dict[str, Any], job: str, *, progress: bool = True)
                             if s in ("mean", "std") and v is not None})
         mlflow.log_metrics({f"final_test_{n}": v for n, v in final_test.items() if isinstance(v, (int, float))})
         summary = {
-            "job": job, "dataset": ds_name, "task": task, "dataset_hash": info["content_hash"],
-            "data_version": data_version, "arch": cfg["arch"], "model": final_model.config(),
-            "runtime": runtime.name, "threads": threads, "profile": params.get("profile"),
-            "n_train_val": int((split == "train").sum()), "n_test": len(test),
+            "job": job, "dataset": ctx.dataset, "task": ctx.task, "dataset_hash": ctx.info["content_hash"],
+            "data_version": ctx.data_version, "arch": ctx.cfg["arch"], "model": final_model.config(),
+            "runtime": runtime.name, "threads": ctx.threads, "profile": ctx.profile,
+            "n_train_val": int((ctx.split == "train").sum()), "n_test": len(test),
             "folds": [{k: v for k, v in f.items() if k != "history"} for f in per_fold],
             "test_mean_std": agg, "selected_fold": selected["fold"], "final_test": final_test,
-            "model_file": str(final_path), "seconds": round(time.perf_counter() - t0, 1),
-            "mlflow": {"experiment_id": exp_id, "run_id": parent.info.run_id, "tracking_uri": tracking.uri},
+            "model_file": str(final_path), "seconds": round(time.perf_counter() - ctx.t0, 1),
+            "mlflow": {"experiment_id": ctx.experiment_id, "run_id": ctx.run_id, "tracking_uri": ctx.tracking_uri},
         }
         mlflow.log_dict(summary, "summary.json")
     atomic_write_json(dirs["metrics"], summary)
     return summary
+
+
+def run_training(params: dict[str, Any], job: str, train_folds: Callable[[TrainJob], list[FoldRecord]]
+                 ) -> dict[str, Any]:
+    """:func:`prepare_training`, ``train_folds(ctx)`` (every fold of ``ctx.folds``, records in that
+    order), :func:`finish_training`; the parent run ends FAILED if a fold fails."""
+    ctx = prepare_training(params, job)
+    try:
+        records = train_folds(ctx)
+    except BaseException:
+        abort_training(ctx)
+        raise
+    return finish_training(ctx, records)
+
+
+def run_training_job(params: dict[str, Any], job: str, *, progress: bool = True) -> dict[str, Any]:
+    """Run training job ``job`` end to end, its folds one after another; returns (and writes) its
+    metrics summary. :func:`ctharden.flows.fanout.train_fanout` is the same with the folds spread
+    over a Dask cluster."""
+    def serial(ctx: TrainJob) -> list[FoldRecord]:
+        return [train_one_fold(params, job, k, ctx.run_id, progress=progress, context=ctx) for k in ctx.folds]
+
+    return run_training(params, job, serial)
 
 
 def _select_fold(per_fold: list[dict[str, Any]], cfg: TrainConfig) -> dict[str, Any]:
