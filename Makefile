@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: install data run flow test bench clean
+.PHONY: install data run flow serve test bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
@@ -23,6 +23,11 @@ run: data
 
 flow: data
 	python flows/pipeline.py
+
+# The scheduled deployments (nightly champion re-evaluation, weekly re-hardening); needs a Prefect
+# server: `prefect server start` and PREFECT_API_URL (see README, "Scheduled runs").
+serve: data
+	python flows/serve.py
 
 test: data
 	python -m pytest
