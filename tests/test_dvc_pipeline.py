@@ -50,5 +50,12 @@ def test_fresh_copy_pulls_data_and_reproduces(tmp_path: Path) -> None:
     for job in hardened:
         assert json.loads((clone / "metrics" / "tune" / f"{job}.json").read_text())["eps"] > 0
 
+    gate = json.loads((clone / "metrics" / "gate.json").read_text())
+    assert set(gate) == {"baseline", "hardened"} and set(gate["hardened"]) == {"nodule3d", "covid2d"}
+    registered = json.loads((clone / "metrics" / "register.json").read_text())
+    assert {o["variant"] for o in registered["jobs"]["nodule3d"]} == {"baseline", "hardened"}
+
+    # everything up to date except `register`, which always runs (the registry is state outside DVC)
     status = _run(["dvc", "status"], clone, env)
-    assert "up to date" in status.stdout, status.stdout
+    stages = [line for line in status.stdout.splitlines() if line and not line[0].isspace()]
+    assert stages == ["register:"] and "always changed" in status.stdout, status.stdout
