@@ -8,18 +8,16 @@ import asyncio
 import importlib.util
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
-from conftest import REPO, stage_overrides
+from conftest import REPO, free_port, stage_overrides, wait_healthy
 
 from ctharden.flows.deployments import NIGHTLY_CRON, NIGHTLY_NAME, WEEKLY_CRON, WEEKLY_NAME, deployments
 from ctharden.flows.pipeline import harden_pipeline, reevaluate_champion
@@ -98,27 +96,6 @@ def test_prefect_yaml_declares_both_scheduled_deployments() -> None:
 # --- a real server, flows/serve.py, and one nightly run ---------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"prefect server exited ({proc.returncode}):\n{log.read_text()[-4000:]}")
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(1)
-    pytest.fail(f"prefect server not healthy after {timeout:.0f} s:\n{log.read_text()[-4000:]}")
-
-
 def _stop(proc: subprocess.Popen | None) -> None:
     if proc is None or proc.poll() is not None:
         return
@@ -142,7 +119,7 @@ def _env(home: Path, **extra: str) -> dict[str, str]:
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """``prefect server start`` on a free port of 127.0.0.1 with its own PREFECT_HOME; yields the API URL."""
     home = tmp_path_factory.mktemp("prefect_server")
-    port = _free_port()
+    port = free_port()
     log = home / "server.log"
     with log.open("w") as out:
         proc = subprocess.Popen(
@@ -151,7 +128,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             stdout=out, stderr=subprocess.STDOUT, cwd=home)
     try:
         url = f"http://127.0.0.1:{port}/api"
-        _wait_healthy(url, proc, log)
+        wait_healthy(f"{url}/health", proc, log, "prefect server")
         yield url
     finally:
         _stop(proc)

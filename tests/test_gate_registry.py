@@ -8,18 +8,15 @@ import copy
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from conftest import REPO, stage_overrides
+from conftest import REPO, free_port, stage_overrides, wait_healthy
 
 from ctharden.config import load_params
 from ctharden.errors import ConfigError, DataError
@@ -160,17 +157,11 @@ def test_gate_settings_are_validated(tmp_path: Path) -> None:
 # -- registry promotion -------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real MLflow tracking server (SQLite backend) on 127.0.0.1, for the duration of the module."""
     root = tmp_path_factory.mktemp("mlflow_server")
-    port = _free_port()
+    port = free_port()
     mlflow_bin = str(Path(sys.executable).parent / "mlflow")
     proc = subprocess.Popen(
         [mlflow_bin, "server", "--backend-store-uri", f"sqlite:///{root / 'server.db'}",
@@ -179,18 +170,11 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         stdout=open(root / "server.log", "w"), stderr=subprocess.STDOUT,
     )
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 180
-    while True:
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                if r.status == 200:
-                    break
-        except OSError:
-            pass
-        if proc.poll() is not None or time.time() > deadline:
-            proc.kill()
-            pytest.fail(f"mlflow server did not start: {(root / 'server.log').read_text()[-2000:]}")
-        time.sleep(0.5)
+    try:
+        wait_healthy(f"{url}/health", proc, root / "server.log", "mlflow server", timeout=180)
+    except BaseException:
+        proc.kill()
+        raise
     try:
         yield url
     finally:
