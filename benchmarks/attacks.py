@@ -147,8 +147,8 @@ def nodule_case(n: int) -> Case:
     source = None
     if NODULE_MODEL.is_file() and (NODULE_DATA / "manifest.csv").is_file():
         try:
-            from ctharden.checkpoint import load_model
             from ctharden.data.dataset import load_arrays, read_manifest
+            from ctharden.models.files import load_model
 
             model, _ = load_model(NODULE_MODEL)
             df = read_manifest(NODULE_DATA)
@@ -187,8 +187,8 @@ def covid_case(n: int, size: int = 112) -> Case:
     source = None
     if COVID_MODEL.is_file() and (COVID_DATA / "manifest.csv").is_file():
         try:
-            from ctharden.checkpoint import load_model
             from ctharden.data.dataset import load_arrays, read_manifest
+            from ctharden.models.files import load_model
 
             model, _ = load_model(COVID_MODEL)
             df = read_manifest(COVID_DATA)

@@ -1,4 +1,4 @@
-"""Robustness evaluation: serial (:func:`ctharden.evaluate.stage.run_evaluation`) vs fanned out
+"""Robustness evaluation: serial (:func:`ctharden.stages.evaluate.run_evaluation`) vs fanned out
 over a Dask LocalCluster (:func:`ctharden.flows.fanout.evaluate_fanout`), same jobs, same process.
 
 Setup (untimed): ingest, validate and train the jobs (serially) in a work directory. Then the
@@ -34,7 +34,7 @@ OUTPUT_PATHS = ("datasets", "validation", "metrics", "artifacts", "reports", "pl
 
 def bench_params(workdir: Path, profile: str, folds: int | None) -> dict[str, Any]:
     """params.yaml's ``profile`` with every output under ``workdir``."""
-    from ctharden.config import load_params
+    from ctharden.config.params import load_params
 
     overrides = [f"paths.{p}={workdir / p}" for p in OUTPUT_PATHS]
     overrides += [f"mlflow.db={workdir / 'mlflow.db'}", f"mlflow.artifacts={workdir / 'mlruns'}"]
@@ -45,16 +45,19 @@ def bench_params(workdir: Path, profile: str, folds: int | None) -> dict[str, An
 
 def prepare(params: dict[str, Any], jobs: list[str]) -> None:
     """Ingest, validate and train ``jobs`` unless already trained in this work directory."""
-    from ctharden import pipeline
-    from ctharden.train.job import job_config, job_dirs, run_training_job
+    from ctharden.config.jobs import job_config
+    from ctharden.config.paths import train_paths, validation_dir
+    from ctharden.stages import ingest as ingest_stage
+    from ctharden.stages import validate as validate_stage
+    from ctharden.stages.train import run_training_job
 
     for job in jobs:
-        if job_dirs(params, job)["metrics"].is_file():
+        if train_paths(params, job)["metrics"].is_file():
             continue
         ds = job_config(params, job)["dataset"]
-        if not (pipeline.validation_dir(params, ds) / "validation.json").is_file():
-            pipeline.ingest(params, ds)
-            pipeline.validate(params, ds)
+        if not (validation_dir(params, ds) / "validation.json").is_file():
+            ingest_stage.run(params, ds)
+            validate_stage.run(params, ds)
         t = time.perf_counter()
         run_training_job(params, job, progress=False)
         print(f"trained {job} in {time.perf_counter() - t:.0f} s", flush=True)
@@ -80,10 +83,10 @@ def main() -> None:
     import torch
     from prefect import flow
 
-    from ctharden.evaluate.stage import run_evaluation
-    from ctharden.evaluate.units import EvalUnit
+    from ctharden.config.jobs import job_names
+    from ctharden.evaluation.units import EvalUnit
     from ctharden.flows.fanout import evaluate_fanout, evaluation_unit_task, task_runner
-    from ctharden.train.job import job_names
+    from ctharden.stages.evaluate import run_evaluation
 
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="fanout-bench-"))
     params = bench_params(workdir, args.profile, args.folds)

@@ -2,13 +2,13 @@
 
 Every method trains its own copy of the same initial weights (own Adam; lr 1e-4 for the CNN cases,
 see :func:`cnn_case`) on the same data in this one process, through the same loop
-(:func:`ctharden.train.robust_loop.fit_with`), one epoch per timed call; methods are interleaved within a round (order rotated each round) after one untimed
+(:func:`ctharden.hardening.objectives.fit_with`), one epoch per timed call; methods are interleaved within a round (order rotated each round) after one untimed
 warm-up epoch each. The reported ratio is the **median over rounds of the per-round ratio**
 (a shared machine drifts; a ratio within one round cancels most of it); seconds are medians.
 
 - "ce": clean cross-entropy (reference for the cost of a plain epoch).
-- "adv ε": 20-PGD (α = 4) adversarial training (:class:`~ctharden.train.robust_loop.AdvPGD`).
-- IMA: :class:`ctharden.train.ima.IMALoss` (BPGD with N_PGD = 20, N_binary = 10, β = 0.5,
+- "adv ε": 20-PGD (α = 4) adversarial training (:class:`~ctharden.hardening.objectives.AdvPGD`).
+- IMA: :class:`ctharden.hardening.ima.IMALoss` (BPGD with N_PGD = 20, N_binary = 10, β = 0.5,
   margins updated from the batch's own BPGD, ``margin_update="batch"``), Δε = ε/30 (the paper's
   30 epochs), its margin state carried over from epoch to epoch. Two starting states:
   "IMA (E=Δε)" starts from the initial margins Δε (a small search radius: BPGD mostly runs all 20
@@ -47,10 +47,10 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from ctharden.experiments.moons import moons_mlp, moons_splits
+from ctharden.hardening.ima import IMALoss
+from ctharden.hardening.objectives import AdvPGD, CleanCE, fit_with
 from ctharden.models import build_model
-from ctharden.train.ima import IMALoss
-from ctharden.train.robust_loop import AdvPGD, CleanCE, fit_with
+from ctharden.studies.moons import moons_mlp, moons_splits
 
 N_PGD = 20
 EPOCHS_FOR_DELTA = 30  # Δε = ε / 30, the paper's schedule

@@ -17,20 +17,20 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-import ctharden.train.adaptive as adaptive_mod
+import ctharden.hardening.adaptive as adaptive_mod
 from ctharden.attacks.nps import InputMap
-from ctharden.errors import ConfigError, DataError
-from ctharden.evaluate.robustness import EvalData
-from ctharden.evaluate.settings import parse_settings
-from ctharden.models import build_model
-from ctharden.train.adaptive import (
+from ctharden.config.robustness import parse_settings
+from ctharden.core.errors import ConfigError, DataError
+from ctharden.evaluation.robustness import EvalData
+from ctharden.hardening.adaptive import (
     PAPER_TABLE4_TRAIN,
     AdaptiveResult,
     BaselineLoss,
     adaptive_train,
     default_evaluator,
 )
-from ctharden.train.losses import training_loss
+from ctharden.models import build_model
+from ctharden.training.losses import training_loss
 
 SIZE = 16
 N = 24

@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ctharden.evaluate.attention import (
+from ctharden.evaluation.attention import (
     _backbone,
     _ChainTracer,
     _convs,

@@ -15,15 +15,15 @@ import pytest
 from PIL import Image
 from sklearn.metrics import roc_curve
 
-from ctharden.errors import DataError
-from ctharden.evaluate.clean import (
+from ctharden.core.errors import DataError
+from ctharden.evaluation.clean import (
     aggregate_folds,
     binary_metrics,
     format_table,
     labels_from_scores,
     roc_points,
 )
-from ctharden.evaluate.plots import plot_confusion, plot_roc, write_dvc_plots
+from ctharden.reporting.plots import plot_confusion, plot_roc, write_dvc_plots
 
 # 4 positives, 6 negatives. At the default threshold 0.5 (strict ">"):
 #   positives 0.9, 0.7 -> TP; 0.5 (exactly the threshold) and 0.2 -> FN

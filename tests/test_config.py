@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from ctharden.config import load_params
-from ctharden.errors import ConfigError
+from ctharden.config.params import load_params
+from ctharden.core.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 PARAMS = REPO / "params.yaml"

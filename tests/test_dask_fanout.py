@@ -16,11 +16,17 @@ import torch
 from conftest import REPO, stage_overrides
 from torch import nn
 
+from ctharden.config.robustness import parse_settings
+from ctharden.core.errors import ConfigError
 from ctharden.data.synthetic import generate_synthetic
-from ctharden.errors import ConfigError
-from ctharden.evaluate.robustness import evaluate_robustness, load_eval_data, run_nps_attacks
-from ctharden.evaluate.settings import parse_settings
-from ctharden.evaluate.units import assemble, evaluation_units, run_unit
+from ctharden.evaluation.robustness import load_eval_data
+from ctharden.evaluation.units import (
+    assemble,
+    evaluate_robustness,
+    evaluation_units,
+    run_nps_attacks,
+    run_unit,
+)
 from ctharden.models import build_model
 
 SETTINGS = {
@@ -109,12 +115,13 @@ def harness() -> Iterator[None]:
 
 def _smoke_params(tmp: Path) -> dict[str, Any]:
     """Smoke profile under ``tmp``, nodule3d with 2 folds (2 fold tasks, 2 models per NPS attack)."""
-    from ctharden import pipeline
-    from ctharden.config import load_params
+    from ctharden.config.params import load_params
+    from ctharden.stages import ingest as ingest_stage
+    from ctharden.stages import validate as validate_stage
 
     params = load_params(REPO / "params.yaml", "smoke", [*stage_overrides(tmp), "train.jobs.nodule3d.folds=2"])
-    pipeline.ingest(params, "synthetic_nodule3d")
-    pipeline.validate(params, "synthetic_nodule3d")
+    ingest_stage.run(params, "synthetic_nodule3d")
+    validate_stage.run(params, "synthetic_nodule3d")
     return params
 
 
@@ -123,23 +130,24 @@ def test_dask_flow_gives_the_serial_results(harness: None, tmp_path: Path) -> No
     import mlflow
     from prefect import flow
 
-    from ctharden.checkpoint import load_model
-    from ctharden.evaluate.stage import run_evaluation
     from ctharden.flows.fanout import evaluate_fanout, task_runner, train_fanout
-    from ctharden.train.job import run_training_job
+    from ctharden.models.files import load_model
+    from ctharden.stages import evaluate as evaluate_stage
+    from ctharden.stages import train as train_stage
 
     serial_dir, dask_dir = tmp_path / "serial", tmp_path / "dask"
     params = _smoke_params(serial_dir)
-    serial_summary = run_training_job(params, "nodule3d", progress=False)
-    serial_eval = run_evaluation(params, ["nodule3d"])
+    serial_summary = train_stage.run(params, "nodule3d", progress=False).record
+    serial_eval = evaluate_stage.run(params, "baseline", ["nodule3d"])
 
     @flow(task_runner=task_runner("dask", n_workers=2, threads_per_worker=1))
-    def fanout_flow(params: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    def fanout_flow(params: dict[str, Any]) -> tuple[Any, Any]:
         return train_fanout(params, "nodule3d"), evaluate_fanout(params, jobs=["nodule3d"])
 
     dparams = _smoke_params(dask_dir)
     env = {k: os.environ.get(k) for k in ("PREFECT_API_URL", "OMP_NUM_THREADS", "MALLOC_TRIM_THRESHOLD_")}
-    summary, evaluated = fanout_flow(dparams)
+    trained, evaluated = fanout_flow(dparams)
+    summary = trained.record
     assert {k: os.environ.get(k) for k in env} == env, "the flow process's environment is restored"
 
     for rel in ("fold0/model.pt", "fold1/model.pt", "model.pt"):
@@ -150,7 +158,7 @@ def test_dask_flow_gives_the_serial_results(harness: None, tmp_path: Path) -> No
     on_disk = {d: json.loads((d / "metrics" / "robustness.json").read_text()) for d in (serial_dir, dask_dir)}
     assert on_disk[dask_dir]["nodule3d"]["headline"] == on_disk[serial_dir]["nodule3d"]["headline"]
     assert _comparable(on_disk[dask_dir], dask_dir) == _comparable(on_disk[serial_dir], serial_dir)
-    assert _comparable(evaluated["metrics"], dask_dir) == _comparable(serial_eval["metrics"], serial_dir)
+    assert _comparable(evaluated.jobs, dask_dir) == _comparable(serial_eval.jobs, serial_dir)
     assert on_disk[dask_dir]["nodule3d"]["n_models"] == 2
     assert (dask_dir / "reports" / "robustness" / "index.html").is_file()
 

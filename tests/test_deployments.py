@@ -137,22 +137,24 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 def prepare_champion(tmp: Path) -> dict[str, Any]:
     """The library on the smoke profile, every output under ``tmp``: data -> train -> evaluate -> gate ->
     register nodule3d (the champion the nightly run re-evaluates)."""
-    from ctharden import pipeline
-    from ctharden.config import load_params
-    from ctharden.evaluate.gate import run_gate
-    from ctharden.evaluate.stage import run_evaluation
-    from ctharden.registry import register
-    from ctharden.train.job import run_training_job
+    from ctharden.config.params import load_params
+    from ctharden.config.paths import dataset_names
+    from ctharden.stages import gate as gate_stage
+    from ctharden.stages import ingest as ingest_stage
+    from ctharden.stages import validate as validate_stage
+    from ctharden.stages import evaluate as evaluate_stage
+    from ctharden.stages import train as train_stage
+    from ctharden.stages import register as register_stage
 
     params = load_params(REPO / "params.yaml", "smoke", stage_overrides(tmp))
-    for name in pipeline.dataset_names(params):
-        pipeline.ingest(params, name)
-        pipeline.validate(params, name)
-    run_training_job(params, "nodule3d", progress=False)
-    run_evaluation(params, ["nodule3d"])
-    gated = run_gate(params, "baseline", ["nodule3d"])
+    for name in dataset_names(params):
+        ingest_stage.run(params, name)
+        validate_stage.run(params, name)
+    train_stage.run(params, "nodule3d", progress=False)
+    evaluate_stage.run(params, "baseline", ["nodule3d"])
+    gated = gate_stage.run(params, "baseline", ["nodule3d"]).record
     assert gated["baseline"]["nodule3d"]["passed"], "the smoke profile's lenient gate passes the baseline"
-    summary = register(params, ["nodule3d"], ["baseline"])
+    summary = register_stage.run(params, "nodule3d", ["baseline"]).record
     (outcome,) = summary["jobs"]["nodule3d"]
     assert outcome["status"] == "registered" and outcome["promoted"], outcome
     assert summary["champions"]["nodule3d"]["version"] == outcome["version"]
@@ -199,7 +201,7 @@ def test_served_nightly_deployment_reevaluates_the_champion(server: str, tmp_pat
     from prefect.deployments import run_deployment
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from ctharden.tracking import configure, tracking_from_params
+    from ctharden.tracking.runs import configure, tracking_from_params
 
     champion = prepare_champion(tmp_path)
     log = tmp_path / "serve.log"

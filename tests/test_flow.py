@@ -31,13 +31,13 @@ def test_harden_pipeline_end_to_end_then_cached(harness: None, tmp_path: Path) -
     summaries = result["data"]
     assert set(summaries) == {"lidc", "covid", "synthetic_nodule3d"}
     assert set(result["train"]) == {"nodule3d", "covid2d"}
-    for job, summary in result["train"].items():
-        assert Path(summary["model_file"]).is_file() and summary["mlflow"]["run_id"]
-        assert summary["dataset_hash"] == summaries[summary["dataset"]]["content_hash"]
-    assert all(s["success"] for s in summaries.values())
+    for job, trained in result["train"].items():
+        assert trained.model_file.is_file() and trained.run_id
+        assert trained.record["dataset_hash"] == summaries[trained.record["dataset"]].content_hash
+    assert all(s.success for s in summaries.values())
     for name in summaries:
         metrics = json.loads((tmp_path / "metrics" / "ingest" / f"{name}.json").read_text())
-        assert metrics["n_samples"] == summaries[name]["n_samples"] > 0
+        assert metrics["n_samples"] == summaries[name].record["n_samples"] > 0
         assert (tmp_path / "validation" / name / "validation.json").is_file()
 
     import asyncio
@@ -51,7 +51,7 @@ def test_harden_pipeline_end_to_end_then_cached(harness: None, tmp_path: Path) -
     assert "| lidc | 1 | passed |" in md and "synthetic_nodule3d" in md
 
     # the evaluate task: same metrics file as the stage, and its markdown artifact
-    evaluated = result["evaluate"]["metrics"]
+    evaluated = result["evaluate"].jobs
     assert set(evaluated) == {"nodule3d", "covid2d"}
     on_disk = json.loads((tmp_path / "metrics" / "robustness.json").read_text())
     assert on_disk["nodule3d"]["headline"] == evaluated["nodule3d"]["headline"]
@@ -67,9 +67,9 @@ def test_harden_pipeline_end_to_end_then_cached(harness: None, tmp_path: Path) -
     # tune -> harden -> evaluate the hardened models: same files as the stages, one artifact each
     for job in ("nodule3d", "covid2d"):
         tuned, hardened = result["tune"][job], result["harden"][job]
-        assert tuned["eps"] == json.loads((tmp_path / "metrics" / "tune" / f"{job}.json").read_text())["eps"]
-        assert hardened["eps"] == pytest.approx(tuned["eps"]) and Path(hardened["model_file"]).is_file()
-    hmetrics = result["evaluate_hardened"]["metrics"]
+        assert tuned.eps == json.loads((tmp_path / "metrics" / "tune" / f"{job}.json").read_text())["eps"]
+        assert hardened.eps == pytest.approx(tuned.eps) and hardened.model_file.is_file()
+    hmetrics = result["evaluate_hardened"].jobs
     assert {m["variant"] for m in hmetrics.values()} == {"hardened"}
 
     async def keys() -> set[str]:
@@ -82,8 +82,8 @@ def test_harden_pipeline_end_to_end_then_cached(harness: None, tmp_path: Path) -
     # gate both variants, register what passed (the smoke profile's thresholds are lenient)
     gate = json.loads((tmp_path / "metrics" / "gate.json").read_text())
     assert set(gate) == {"baseline", "hardened"} and set(gate["hardened"]) == {"nodule3d", "covid2d"}
-    assert result["gate_hardened"]["hardened"]["nodule3d"]["passed"] == gate["hardened"]["nodule3d"]["passed"]
-    reg = result["register"]
+    assert result["gate_hardened"].record["hardened"]["nodule3d"]["passed"] == gate["hardened"]["nodule3d"]["passed"]
+    reg = result["register"].record
     for job in ("nodule3d", "covid2d"):
         statuses = {o["variant"]: o["status"] for o in reg["jobs"][job]}
         assert statuses == {"baseline": "registered", "hardened": "registered"}, reg["jobs"][job]
@@ -100,9 +100,9 @@ def test_harden_pipeline_end_to_end_then_cached(harness: None, tmp_path: Path) -
                             return_state=True)
     again = state.result()
     for job in ("nodule3d", "covid2d"):
-        assert again["train"][job]["mlflow"]["run_id"] == result["train"][job]["mlflow"]["run_id"]
-        assert again["harden"][job]["mlflow"]["run_id"] == result["harden"][job]["mlflow"]["run_id"]
-        assert {o["status"] for o in again["register"]["jobs"][job]} == {"already registered"}
+        assert again["train"][job].run_id == result["train"][job].run_id
+        assert again["harden"][job].run_id == result["harden"][job].run_id
+        assert {o["status"] for o in again["register"].record["jobs"][job]} == {"already registered"}
 
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
@@ -150,9 +150,9 @@ def test_flow_fails_on_bad_input_without_retrying(harness: None, tmp_path: Path)
 
 
 def test_task_is_the_library_function(tmp_path: Path) -> None:
-    """Unit level: the task body is pipeline.ingest (no second implementation)."""
-    from ctharden.config import load_params
+    """Unit level: the task body is the ingest stage's run (no second implementation)."""
+    from ctharden.config.params import load_params
 
     params = load_params(REPO / "params.yaml", "smoke", stage_overrides(tmp_path))
     report = ingest_task.fn(params, "synthetic_nodule3d")
-    assert report["n_samples"] == params["datasets"]["synthetic_nodule3d"]["n"]
+    assert report.n_samples == params["datasets"]["synthetic_nodule3d"]["n"]

@@ -18,10 +18,11 @@ import pytest
 import torch
 from conftest import REPO, free_port, stage_overrides, wait_healthy
 
-from ctharden.config import load_params
-from ctharden.errors import ConfigError, DataError
-from ctharden.evaluate.gate import gate_settings, run_gate
-from ctharden.io import atomic_write_json
+from ctharden.config.params import load_params
+from ctharden.core.errors import ConfigError, DataError
+from ctharden.core.io import atomic_write_json
+from ctharden.gate.criteria import gate_settings
+from ctharden.stages import gate as gate_stage
 
 FIXTURES = Path(__file__).parent / "fixtures" / "gate"  # headline metrics measured on the default run
 CLI = [str(Path(sys.executable).parent / "ctharden")]
@@ -42,7 +43,7 @@ def tiny_model(seed: int) -> torch.nn.Module:
 def write_model(tmp: Path, name: str, seed: int, *, log: bool = False, params: dict[str, Any] | None = None
                 ) -> tuple[Path, str | None]:
     """A real (tiny) nodule model file; with ``log`` also an MLflow run holding it (model file + pt2)."""
-    from ctharden.checkpoint import save_model
+    from ctharden.models.files import save_model
 
     model = tiny_model(seed)
     path = save_model(tmp / "models" / name / "model.pt", model, meta={"job": "nodule3d"})
@@ -50,8 +51,8 @@ def write_model(tmp: Path, name: str, seed: int, *, log: bool = False, params: d
         return path, None
     import mlflow
 
-    from ctharden.tracking import MODEL_FILE_ARTIFACT, configure, tracking_from_params
-    from ctharden.train.job import _log_pytorch_model
+    from ctharden.stages.train import _log_pytorch_model
+    from ctharden.tracking.runs import MODEL_FILE_ARTIFACT, configure, tracking_from_params
 
     configure(tracking_from_params(params))
     with mlflow.start_run(run_name=name) as run:
@@ -64,7 +65,7 @@ def write_evaluation(params: dict[str, Any], variant: str, job: str, model_file:
                      **changes: float) -> None:
     """metrics/robustness[_hardened].json with the fixture's ``job`` entry for ``model_file``; ``changes``
     overwrite headline metrics."""
-    from ctharden.evaluate.stage import evaluation_paths
+    from ctharden.config.paths import evaluation_paths
 
     path = evaluation_paths(params, variant)["metrics"]
     metrics = json.loads(path.read_text()) if path.is_file() else {}
@@ -87,7 +88,7 @@ def test_gate_fails_baselines_and_passes_hardened_on_measured_metrics(tmp_path: 
     for variant in ("baseline", "hardened"):
         for job in ("nodule3d", "covid2d"):
             write_evaluation(params, variant, job, write_model(tmp_path, f"{variant}-{job}", 1)[0], None)
-    gated = run_gate(params, "all")
+    gated = gate_stage.run(params, "all").record
     for job in ("nodule3d", "covid2d"):
         base, hard = gated["baseline"][job], gated["hardened"][job]
         assert not base["passed"] and hard["passed"], (base["failed"], hard["failed"])
@@ -130,7 +131,7 @@ def test_unmeasured_metric_fails_its_criterion(tmp_path: Path) -> None:
     data = json.loads(metrics.read_text())
     del data["nodule3d"]["headline"]["robust_pgd_l2_acc_eps0.5"]  # e.g. an ε missing from the PGD grid
     metrics.write_text(json.dumps(data))
-    rec = run_gate(params, "hardened")["hardened"]["nodule3d"]
+    rec = gate_stage.run(params, "hardened").record["hardened"]["nodule3d"]
     assert not rec["passed"] and rec["failed"] == ["pgd_l2_acc_eps0.5"]
     assert rec["criteria"]["pgd_l2_acc_eps0.5"]["value"] is None
 
@@ -198,7 +199,7 @@ def registry_params(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch:
 def _client(params: dict[str, Any]) -> Any:
     import mlflow
 
-    from ctharden.tracking import configure, tracking_from_params
+    from ctharden.tracking.runs import configure, tracking_from_params
 
     configure(tracking_from_params(params))
     return mlflow.MlflowClient()
@@ -206,11 +207,11 @@ def _client(params: dict[str, Any]) -> Any:
 
 def _gate_and_register(params: dict[str, Any], variant: str, model: Path, run_id: str, **changes: float
                        ) -> dict[str, Any]:
-    from ctharden.registry import register
+    from ctharden.stages import register as register_stage
 
     write_evaluation(params, variant, "nodule3d", model, run_id, **changes)
-    run_gate(params, variant, ["nodule3d"])
-    return register(params, ["nodule3d"], [variant])
+    gate_stage.run(params, variant, ["nodule3d"])
+    return register_stage.run(params, "nodule3d", [variant]).record
 
 
 @pytest.mark.slow
@@ -239,8 +240,8 @@ def test_failed_gate_registers_nothing(registry_params: dict[str, Any], tmp_path
 def test_promotion_rules_idempotence_and_champion_loads(registry_params: dict[str, Any], tmp_path: Path) -> None:
     import mlflow
 
-    from ctharden.registry import params_hash
-    from ctharden.tracking import load_model_ref
+    from ctharden.tracking.promotion import params_hash
+    from ctharden.tracking.runs import load_model_ref
 
     params = registry_params
     name = gate_settings(params, "nodule3d").model_name
@@ -296,20 +297,20 @@ def test_promotion_rules_idempotence_and_champion_loads(registry_params: dict[st
 
 @pytest.mark.slow
 def test_stale_gate_record_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from ctharden.registry import register
+    from ctharden.stages import register as register_stage
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     params = default_params(tmp_path)
     model, run_id = write_model(tmp_path, "m", 1, log=True, params=params)
     write_evaluation(params, "hardened", "nodule3d", model, run_id)
-    run_gate(params, "hardened")
+    gate_stage.run(params, "hardened")
     write_evaluation(params, "hardened", "nodule3d", model, run_id, **{"robust_pgd_linf_acc_eps0.01": 0.95})
     with pytest.raises(DataError, match="re-run `ctharden gate`"):
-        register(params)
-    run_gate(params, "hardened")
+        register_stage.run(params)
+    gate_stage.run(params, "hardened")
     shutil.copyfile(write_model(tmp_path, "other", 7)[0], model)  # the model changed after the gate
     with pytest.raises(DataError, match="changed or vanished since it was gated"):
-        register(params)
+        register_stage.run(params)
     assert _client(params).search_model_versions("name = 'ctharden-nodule3d'") == []
 
 

@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 from conftest import REPO, stage_overrides
 
-from ctharden.config import load_params
-from ctharden.errors import ConfigError, DataError
+from ctharden.config.params import load_params
+from ctharden.core.errors import ConfigError, DataError
 
 JOB = "nodule3d"
 
@@ -22,24 +22,25 @@ def _params(tmp: Path, *extra: str) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A smoke-profile nodule3d baseline, trained and evaluated, in a temp tree."""
-    from ctharden import pipeline
-    from ctharden.evaluate.stage import run_evaluation
-    from ctharden.train.job import run_training_job
+    from ctharden.stages import ingest as ingest_stage
+    from ctharden.stages import validate as validate_stage
+    from ctharden.stages import evaluate as evaluate_stage
+    from ctharden.stages import train as train_stage
 
     tmp = tmp_path_factory.mktemp("harden")
     params = _params(tmp)
-    pipeline.ingest(params, "synthetic_nodule3d")
-    pipeline.validate(params, "synthetic_nodule3d")
-    run_training_job(params, JOB, progress=False)
-    run_evaluation(params, [JOB])
+    ingest_stage.run(params, "synthetic_nodule3d")
+    validate_stage.run(params, "synthetic_nodule3d")
+    train_stage.run(params, JOB, progress=False)
+    evaluate_stage.run(params, "baseline", [JOB])
     return tmp
 
 
 @pytest.fixture(scope="module")
 def tuned(trained: Path) -> dict[str, Any]:
-    from ctharden.tune import tune_job
+    from ctharden.stages import tune as tune_stage
 
-    return tune_job(_params(trained, "tune.defaults.n_trials=3"), JOB)
+    return tune_stage.run(_params(trained, "tune.defaults.n_trials=3"), JOB).record
 
 
 def test_tune_enqueues_ima_suggestion_and_anchors_then_tpe(tuned: dict[str, Any], trained: Path) -> None:
@@ -69,7 +70,7 @@ def test_tune_enqueues_ima_suggestion_and_anchors_then_tpe(tuned: dict[str, Any]
 def test_tune_trials_are_nested_mlflow_runs(tuned: dict[str, Any], trained: Path) -> None:
     import mlflow
 
-    from ctharden.tracking import tracking_from_params
+    from ctharden.tracking.runs import tracking_from_params
 
     mlflow.set_tracking_uri(tracking_from_params(_params(trained)).uri)  # MLFLOW_TRACKING_URI may override the db
     runs = mlflow.search_runs(search_all_experiments=True,
@@ -80,8 +81,8 @@ def test_tune_trials_are_nested_mlflow_runs(tuned: dict[str, Any], trained: Path
 
 
 def test_auc_floor_combines_absolute_and_relative() -> None:
-    from ctharden.train.harden_settings import TuneSettings
-    from ctharden.tune import auc_floor
+    from ctharden.config.hardening import TuneSettings
+    from ctharden.stages.tune import auc_floor
 
     assert auc_floor(TuneSettings(min_clean_auc=None, max_auc_drop=0.05), 0.7) == pytest.approx(0.65)
     assert auc_floor(TuneSettings(min_clean_auc=0.9, max_auc_drop=0.05), 0.7) == pytest.approx(0.9)
@@ -89,7 +90,7 @@ def test_auc_floor_combines_absolute_and_relative() -> None:
 
 
 def test_choice_respects_the_constraint() -> None:
-    from ctharden.tune import _choose
+    from ctharden.stages.tune import _choose
 
     trials = [
         {"number": 0, "eps": 0.05, "robust_accuracy": 0.9, "clean_auc": 0.6, "feasible": False},
@@ -103,11 +104,11 @@ def test_choice_respects_the_constraint() -> None:
 
 
 def test_harden_and_hardened_evaluation(tuned: dict[str, Any], trained: Path) -> None:
-    from ctharden.evaluate.stage import run_evaluation
-    from ctharden.train.harden_stage import harden_job
+    from ctharden.stages import evaluate as evaluate_stage
+    from ctharden.stages import harden as harden_stage
 
     params = _params(trained)
-    res = harden_job(params, JOB)
+    res = harden_stage.run(params, JOB).record
     assert res["method"] == "adv" and res["eps_source"] == "tune" and res["eps"] == pytest.approx(tuned["eps"])
     assert Path(res["model_file"]).is_file()
     assert set(res["curves"]) >= {"ce (baseline)"} and any(k.startswith("adv") for k in res["curves"])
@@ -119,12 +120,12 @@ def test_harden_and_hardened_evaluation(tuned: dict[str, Any], trained: Path) ->
     reports = trained / "reports" / "harden" / JOB
     assert (reports / "methods_linf.png").is_file() and (reports / "ima_margins.png").is_file()
 
-    out = run_evaluation(params, [JOB], variant="hardened")
-    m = out["metrics"][JOB]
+    out = evaluate_stage.run(params, "hardened", [JOB])
+    m = out.jobs[JOB]
     assert m["variant"] == "hardened" and m["hardening"]["method"] == "adv" and m["n_models"] == 1
-    summary = Path(out["report"]["summary"]).read_text()
+    summary = Path(out.report["summary"]).read_text()
     assert "baseline vs hardened" in summary and "| baseline |" in summary and "| hardened (adv" in summary
-    html = Path(out["report"]["html"]).read_text()
+    html = Path(out.report["html"]).read_text()
     assert "Hardening methods" in html
     assert (trained / "metrics" / "robustness_hardened.json").is_file()
     baseline = json.loads((trained / "metrics" / "robustness.json").read_text())
@@ -132,11 +133,11 @@ def test_harden_and_hardened_evaluation(tuned: dict[str, Any], trained: Path) ->
 
 
 def test_harden_needs_an_eps(trained: Path) -> None:
-    from ctharden.train.harden_stage import harden_job
+    from ctharden.stages import harden as harden_stage
 
     params = _params(trained, f"paths.metrics={trained / 'empty_metrics'}")
     with pytest.raises(DataError, match="no training ε"):
-        harden_job(params, JOB)
+        harden_stage.run(params, JOB)
 
 
 @pytest.mark.parametrize("override,message", [
@@ -149,21 +150,21 @@ def test_harden_needs_an_eps(trained: Path) -> None:
     ("harden.defaults.bogus=1", "unknown keys"),
 ])
 def test_bad_settings_fail_before_work(tmp_path: Path, override: str, message: str) -> None:
-    from ctharden.train.harden_stage import run_harden
-    from ctharden.tune import run_tune
+    from ctharden.stages import harden as harden_stage
+    from ctharden.stages import tune as tune_stage
 
     params = _params(tmp_path, override)
     with pytest.raises(ConfigError, match=message):
-        run_tune(params, [JOB]) if override.startswith("tune") else run_harden(params, [JOB])
+        tune_stage.run(params, JOB) if override.startswith("tune") else harden_stage.run(params, JOB)
 
 
 def test_an_infeasible_floor_is_reported(trained: Path) -> None:
     """Runs last: it replaces the module's tune metrics."""
-    from ctharden.tune import tune_job
+    from ctharden.stages import tune as tune_stage
 
     params = _params(trained, "tune.defaults.n_trials=1", "tune.defaults.ima_seed=false",
                      "tune.defaults.min_clean_auc=1.0")
-    res = tune_job(params, JOB)
+    res = tune_stage.run(params, JOB).record
     assert res["ima"] is None and len(res["trials"]) == 1
     t = res["trials"][0]
     assert res["feasible"] == t["feasible"]

@@ -19,10 +19,10 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from ctharden.attacks.bpgd import bpgd
 from ctharden.attacks.pgd import pgd
-from ctharden.errors import ConfigError
-from ctharden.train import ima
-from ctharden.train.ima import IMALoss, IMAState, suggest_eps
-from ctharden.train.robust_loop import CleanCE, fit_with
+from ctharden.core.errors import ConfigError
+from ctharden.hardening import ima
+from ctharden.hardening.ima import IMALoss, IMAState, suggest_eps
+from ctharden.hardening.objectives import CleanCE, fit_with
 
 TOL = 1e-3  # bisection bracket (≤ 0.2·E·2^-10) plus float slack
 

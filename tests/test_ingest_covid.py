@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
+from ctharden.core.errors import DataError
 from ctharden.data.covid import decode_grayscale, ingest_covid, resize_square
 from ctharden.data.dataset import load_array, load_arrays, read_info, read_manifest
-from ctharden.errors import DataError
 
 
 def _labels(covid_sample: Path) -> list[dict[str, str]]:

@@ -11,10 +11,10 @@ import pydicom
 import pytest
 from scipy import ndimage
 
+from ctharden.core.errors import DataError
 from ctharden.data.dataset import load_array, read_info, read_manifest
 from ctharden.data.lidc import count_lidc, ingest_lidc
 from ctharden.data.lidc_xml import Contour, ReaderMark, group_marks, malignancy_class, malignancy_label
-from ctharden.errors import DataError
 
 SLAB = "LIDC-IDRI-0001_dicom_slab"
 XML_0001 = "LIDC-IDRI-0001_069.xml"

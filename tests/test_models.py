@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from ctharden.errors import ConfigError
+from ctharden.core.errors import ConfigError
 from ctharden.models import (
     ARCHITECTURES,
     CTClassifier,

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from ctharden.errors import ConfigError
-from ctharden.experiments.moons import PAPER_TABLE1, moons_mlp, run_moons
+from ctharden.core.errors import ConfigError
+from ctharden.studies.moons import PAPER_TABLE1, moons_mlp, run_moons
 
 
 @pytest.mark.slow

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from ctharden.errors import ConfigError, DataError
+from ctharden.core.errors import ConfigError, DataError
 from ctharden.noise import (
     NoiseConfig,
     ParametricNPS,

@@ -20,7 +20,7 @@ from ctharden.attacks import (
     run_sanity_checks,
 )
 from ctharden.attacks.sanity import CHECKS
-from ctharden.errors import ConfigError
+from ctharden.core.errors import ConfigError
 from ctharden.models import CTClassifier, build_model, predicted_label
 
 SIDE = 16

@@ -14,9 +14,8 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
 
 from ctharden.attacks import AttackError
-from ctharden.errors import ConfigError
-from ctharden.noise import grid_variance
-from ctharden.train.robust_loop import (
+from ctharden.core.errors import ConfigError
+from ctharden.hardening.objectives import (
     AdvPGD,
     CleanCE,
     NPSNoise,
@@ -28,6 +27,7 @@ from ctharden.train.robust_loop import (
     fit_with,
     indexed_batches,
 )
+from ctharden.noise import grid_variance
 
 D = 6
 Out = tuple[Tensor, dict[str, float]]  # a BatchLoss's return

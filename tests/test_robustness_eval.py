@@ -12,19 +12,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import REPO
 from PIL import Image
 from torch import Tensor, nn
 
-from ctharden.config import load_params
+from ctharden.config.params import load_params
+from ctharden.config.robustness import job_settings, parse_settings
+from ctharden.core.errors import ConfigError
+from ctharden.data.arrays import ArraySet
 from ctharden.data.synthetic import generate_synthetic
-from ctharden.errors import ConfigError
-from ctharden.evaluate.robustness import EvalData, evaluate_robustness, load_eval_data, stratified_subset
-from ctharden.evaluate.settings import job_settings, parse_settings
-from ctharden.evaluate.stage import headline_metrics, write_job_figures, write_report
+from ctharden.evaluation.headline import headline_metrics
+from ctharden.evaluation.robustness import EvalData, load_eval_data, stratified_subset
+from ctharden.evaluation.units import evaluate_robustness
 from ctharden.models import build_model
-from ctharden.train.data import ArraySet
-from ctharden.train.loop import TrainConfig, train_fold
-from conftest import REPO
+from ctharden.stages.evaluate import write_job_figures, write_report
+from ctharden.training.loop import TrainConfig, train_fold
 
 SETTINGS = {
     "mas_levels": [10, 100, 500],
@@ -53,7 +55,7 @@ def model(dataset: Path) -> nn.Module:
     tr = data.indices("train")
     train = ArraySet(data.x[tr], data.y[tr], data.y[tr].float(), [data.sample_ids[i] for i in tr], None)  # type: ignore[arg-type]
     cfg = TrainConfig(seed=0, epochs=4, batch_size=8, lr=3e-3, shift_vox=0, rotate_deg=0, select_on="last")
-    from ctharden.device import select_runtime
+    from ctharden.core.device import select_runtime
 
     result = train_fold(m, train, None, cfg, select_runtime("cpu", "fp32"), dataset.parent / "ckpt" / "last.pt",
                         fold=0, data_hash="x", progress=False)

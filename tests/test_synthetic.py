@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from sklearn.linear_model import LogisticRegression
 
+from ctharden.core.errors import DataError
 from ctharden.data.dataset import load_arrays, read_info, read_manifest
 from ctharden.data.synthetic import covid_phantom, generate_synthetic, nodule_phantom
-from ctharden.errors import DataError
 
 NODULE_COLUMNS = {
     "malignancy_mean", "malignancy_class", "n_readers", "ratings", "diameter_mm", "spacing_mm",

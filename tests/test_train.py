@@ -12,13 +12,14 @@ import pytest
 import torch
 from conftest import REPO, stage_overrides
 
-from ctharden import pipeline
-from ctharden.config import load_params
+from ctharden.config.params import load_params
+from ctharden.config.paths import dataset_dir, validation_dir
+from ctharden.core.device import select_runtime
+from ctharden.core.errors import DataError, ValidationFailed
+from ctharden.data.arrays import load_arrayset
 from ctharden.data.dataset import DatasetWriter, read_info
-from ctharden.device import select_runtime
-from ctharden.errors import DataError, ValidationFailed
-from ctharden.train.data import load_arrayset
-from ctharden.train.loop import TrainConfig, train_fold
+from ctharden.stages import validate as validate_stage
+from ctharden.training.loop import TrainConfig, train_fold
 
 
 def toy_cubes(out: Path, n: int = 64, seed: int = 0, size: int = 32) -> None:
@@ -51,14 +52,14 @@ def toy_params(tmp: Path, **train: Any) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], dict[str, Any], Path]:
     """One real training job (2 folds) on separable toy cubes, with validation and MLflow."""
-    from ctharden.train.job import run_training_job
+    from ctharden.stages import train as train_stage
 
     tmp = tmp_path_factory.mktemp("train")
     os.environ["MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"] = "1"
     params = toy_params(tmp)
-    toy_cubes(pipeline.dataset_dir(params, "toy"))
-    pipeline.validate(params, "toy")
-    summary = run_training_job(params, "toy", progress=False)
+    toy_cubes(dataset_dir(params, "toy"))
+    validate_stage.run(params, "toy")
+    summary = train_stage.run(params, "toy", progress=False).record
     return params, summary, tmp
 
 
@@ -89,7 +90,7 @@ def test_mlflow_run_content(trained: tuple[dict, dict, Path]) -> None:
     params, summary, _ = trained
     client = mlflow.MlflowClient(tracking_uri=summary["mlflow"]["tracking_uri"])
     parent = client.get_run(summary["mlflow"]["run_id"])
-    info = read_info(pipeline.dataset_dir(params, "toy"))
+    info = read_info(dataset_dir(params, "toy"))
     assert parent.data.tags["ctharden.dataset_hash"] == info["content_hash"]
     assert parent.data.params["arch"] == "nodule3d" and parent.data.params["lr"] == "0.003"
     assert parent.data.params["arch_kwargs.width"] == "8"
@@ -108,7 +109,7 @@ def test_mlflow_run_content(trained: tuple[dict, dict, Path]) -> None:
         assert "test_auc" in child.data.metrics and "val_auc" in child.data.metrics
 
     # The logged MLflow model (pt2, with signature) gives the same outputs as the model file.
-    from ctharden.checkpoint import load_model
+    from ctharden.models.files import load_model
 
     model, _ = load_model(summary["model_file"])
     logged = mlflow.pytorch.load_model(f"runs:/{parent.info.run_id}/model")
@@ -118,12 +119,12 @@ def test_mlflow_run_content(trained: tuple[dict, dict, Path]) -> None:
 
 
 def test_evaluate_by_file_and_run_id(trained: tuple[dict, dict, Path]) -> None:
-    from ctharden.evaluate.external import evaluate_model
-    from ctharden.tracking import configure, tracking_from_params
+    from ctharden.stages.evaluate_external import evaluate_model
+    from ctharden.tracking.runs import configure, tracking_from_params
 
     params, summary, _ = trained
-    ds = pipeline.dataset_dir(params, "toy")
-    by_file = evaluate_model(summary["model_file"], ds, split="test", validation_dir=pipeline.validation_dir(params, "toy"))
+    ds = dataset_dir(params, "toy")
+    by_file = evaluate_model(summary["model_file"], ds, split="test", validation_dir=validation_dir(params, "toy"))
     assert by_file["metrics"]["auc"] == pytest.approx(summary["final_test"]["auc"])
     configure(tracking_from_params(params))
     by_run = evaluate_model(summary["mlflow"]["run_id"], ds, split="test")  # validates the dataset itself
@@ -131,7 +132,7 @@ def test_evaluate_by_file_and_run_id(trained: tuple[dict, dict, Path]) -> None:
 
 
 def test_evaluate_refuses_mismatched_task(trained: tuple[dict, dict, Path], tmp_path: Path) -> None:
-    from ctharden.evaluate.external import evaluate_model
+    from ctharden.stages.evaluate_external import evaluate_model
 
     _, summary, _ = trained
     ds = tmp_path / "slices"
@@ -144,18 +145,18 @@ def test_evaluate_refuses_mismatched_task(trained: tuple[dict, dict, Path], tmp_
 
 
 def test_training_refuses_unvalidated_or_changed_data(tmp_path: Path) -> None:
-    from ctharden.train.job import run_training_job
+    from ctharden.stages import train as train_stage
 
     params = toy_params(tmp_path)
-    ds = pipeline.dataset_dir(params, "toy")
+    ds = dataset_dir(params, "toy")
     toy_cubes(ds, n=16)
     with pytest.raises(ValidationFailed):
-        run_training_job(params, "toy", progress=False)
-    pipeline.validate(params, "toy")
+        train_stage.run(params, "toy", progress=False)
+    validate_stage.run(params, "toy")
     shutil.rmtree(ds)
     toy_cubes(ds, n=16, seed=1)  # different content after validation
     with pytest.raises(ValidationFailed):
-        run_training_job(params, "toy", progress=False)
+        train_stage.run(params, "toy", progress=False)
     assert not (tmp_path / "artifacts" / "models" / "toy").exists()
 
 

@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from ctharden.core.errors import DataError, ValidationFailed
 from ctharden.data.dataset import DatasetWriter, read_info, read_manifest
 from ctharden.data.validation import (
     MANIFEST_HASH_CHECK,
@@ -30,7 +31,6 @@ from ctharden.data.validation import (
     summarize_dataset,
     validate_dataset,
 )
-from ctharden.errors import DataError, ValidationFailed
 
 NODULE_SHAPE = (8, 8, 8)
 COVID_SHAPE = (16, 16)

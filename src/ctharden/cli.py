@@ -1,6 +1,6 @@
 """``ctharden`` command line: a thin front door over the library (no logic lives here).
 
-Errors a user can cause (:class:`~ctharden.errors.CthardenError`) are printed as one line and
+Errors a user can cause (:class:`~ctharden.core.errors.CthardenError`) are printed as one line and
 exit with status 1; ``--help`` works on every command.
 """
 
@@ -18,8 +18,9 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
 
-from ctharden.config import load_params
-from ctharden.errors import CthardenError
+from ctharden.config.params import load_params
+from ctharden.core.errors import CthardenError, GateFailed
+from ctharden.stages.result import EvaluateResult, TrainResult
 
 app = typer.Typer(
     help="ctharden: version, validate, train, attack and harden CT classifiers; register only robust ones.",
@@ -184,20 +185,23 @@ def validate_cmd(
 def train_cmd(
     jobs: Annotated[list[str] | None, typer.Argument(help="Training jobs from params.yaml `train.jobs` (default: all).")] = None,
 ) -> None:
-    """Train configured jobs: k-fold CV, model selection on validation, test metrics, MLflow runs."""
-    from ctharden.train.job import job_names, run_training_job
+    """Train configured jobs: k-fold CV, model selection on validation, test metrics, MLflow runs
+    (``ctharden stage train`` for each job)."""
+    from ctharden.config.jobs import job_names
+    from ctharden.stages import train
 
     params = state.params()
     for job in jobs or job_names(params):
-        _print_training(run_training_job(params, job))
+        _print_training(train.run(params, job))
 
 
-def _print_training(summary: dict[str, Any]) -> None:
-    agg = summary["test_mean_std"]
+def _print_training(result: TrainResult) -> None:
+    summary = result.record
+    agg = result.test_mean_std
     parts = [f"{k} {v['mean']:.3f} ± {v['std']:.3f}" for k, v in agg.items() if v.get("mean") is not None]
     out_console.print(f"[bold]{summary['job']}[/] on {summary['dataset']} ({summary['runtime']}, "
                       f"{summary['seconds']} s): test {', '.join(parts)} over {len(summary['folds'])} fold(s)")
-    out_console.print(f"model: {summary['model_file']}  MLflow run: {summary['mlflow']['run_id']}")
+    out_console.print(f"model: {result.model_file}  MLflow run: {result.run_id}")
 
 
 @app.command("evaluate")
@@ -228,15 +232,15 @@ def evaluate_cmd(
     reports/robustness/index.html and logging to each job's MLflow run (what `dvc repro` runs).
     With --model and --data: any model on any dataset (clean metrics with --clean-only).
     """
-    from ctharden.io import atomic_write_json
-    from ctharden.tracking import configure, tracking_from_params
+    from ctharden.core.io import atomic_write_json
+    from ctharden.tracking.runs import configure, tracking_from_params
 
     if model is None:
         if data is not None:
             raise typer.BadParameter("--data needs --model", param_hint="--data")
-        from ctharden.evaluate.stage import run_evaluation
+        from ctharden.stages import evaluate
 
-        _print_robustness(run_evaluation(state.params(), jobs or None))
+        _print_robustness(evaluate.run(state.params(), "baseline", jobs or None))
         return
     if data is None:
         raise typer.BadParameter("--model needs --data", param_hint="--data")
@@ -245,11 +249,11 @@ def evaluate_cmd(
     if not Path(model).is_file():
         configure(tracking_from_params(state.params()))
     if clean_only:
-        from ctharden.evaluate.external import evaluate_model
+        from ctharden.stages.evaluate_external import evaluate_model
 
         result = evaluate_model(model, data, split=split, validation_dir=validation, device=device, plots_dir=plots)
     else:
-        from ctharden.evaluate.external import evaluate_model_robustness
+        from ctharden.stages.evaluate_external import evaluate_model_robustness
 
         result = evaluate_model_robustness(
             model, data, state.params(), validation_dir=validation, settings_of=settings_of,
@@ -260,10 +264,10 @@ def evaluate_cmd(
     out_console.print_json(json.dumps(result, default=str))
 
 
-def _print_robustness(summary: dict[str, Any]) -> None:
-    from ctharden.evaluate.report import markdown_table, pgd_rows, table2_rows
+def _print_robustness(result: EvaluateResult) -> None:
+    from ctharden.reporting.report import markdown_table, pgd_rows, table2_rows
 
-    for job, res in summary["metrics"].items():
+    for job, res in result.jobs.items():
         table = Table(title=f"{job}: SAN/N (%) under NPS noise")
         header, rows = table2_rows(res)
         for h in header:
@@ -275,15 +279,15 @@ def _print_robustness(summary: dict[str, Any]) -> None:
         verdict = "[green]pass[/]" if res["sanity_passed"] else "[bold red]FAIL[/] " + ", ".join(
             f"{n}: {s['flags']}" for n, s in res["sanity"].items() if not s["passed"])
         out_console.print(f"sanity checks: {verdict}   ({res['seconds']['total']:.0f} s)")
-    out_console.print(f"report: {summary['report']['html']}")
+    out_console.print(f"report: {result.html}")
 
 
 @stage_app.command("train")
 def stage_train(job: Annotated[str, typer.Argument(help="Training job from params.yaml `train.jobs`.")]) -> None:
     """Train one configured job (a dvc.yaml stage)."""
-    from ctharden.train.job import run_training_job
+    from ctharden.stages import train
 
-    _print_training(run_training_job(state.params(), job))
+    _print_training(train.run(state.params(), job))
 
 
 @study_app.command("architectures")
@@ -298,7 +302,7 @@ def study_architectures(
         "reports/architecture_study"),
 ) -> None:
     """shen 2020 Table 3: train each architecture variant, random NPS attacks at one mAs, SAN/N per split."""
-    from ctharden.evaluate.architectures import format_study, run_architecture_study
+    from ctharden.studies.architectures import format_study, run_architecture_study
 
     names = [v.strip() for v in variants.split(",") if v.strip()] if variants else None
     study = run_architecture_study(state.params(), job=job, variants=names, mas=mas, k=k, out=out)
@@ -317,7 +321,7 @@ def study_moons(
     seed: Annotated[int, typer.Option(help="Data, initial weights, batch order and attack seed.")] = 0,
 ) -> None:
     """ma 2020 Moons (section 3.1, Table 1): train each method, L∞ 100-PGD test accuracy per ε."""
-    from ctharden.experiments.moons import run_moons, table_rows
+    from ctharden.studies.moons import run_moons, table_rows
 
     res = run_moons(n_train=n_train, n_test=n_test, epochs=epochs, methods=methods, noise=noise, seed=seed,
                     out_dir=out)
@@ -336,9 +340,9 @@ def stage_evaluate(
     hardened: Annotated[bool, typer.Option("--hardened", help="Evaluate the harden stage's models, next to the baselines.")] = False,
 ) -> None:
     """Robustness evaluation of every trained (or hardened) job and the report (a dvc.yaml stage)."""
-    from ctharden.evaluate.stage import run_evaluation
+    from ctharden.stages import evaluate
 
-    _print_robustness(run_evaluation(state.params(), variant="hardened" if hardened else "baseline"))
+    _print_robustness(evaluate.run(state.params(), "hardened" if hardened else "baseline"))
 
 
 @stage_app.command("tune")
@@ -346,15 +350,19 @@ def stage_tune(
     job: Annotated[str | None, typer.Argument(help="Training job (default: every job).")] = None,
 ) -> None:
     """Pick each job's hardening ε with Optuna, seeded by IMA's margins (a dvc.yaml stage)."""
-    from ctharden.tune import run_tune
+    from ctharden.config.jobs import job_names
+    from ctharden.stages import tune
 
-    for name, res in run_tune(state.params(), [job] if job else None).items():
-        if res.get("eps") is None:
+    params = state.params()
+    for name in [job] if job else job_names(params):
+        out = tune.run(params, name)
+        res = out.record
+        if out.eps is None:
             out_console.print(f"{name}: {res.get('skipped', 'no ε')}")
             continue
         best = res["best_trial"]
-        ok = "" if res["feasible"] else "  [bold red](no trial met the clean-AUC floor)[/]"
-        out_console.print(f"{name}: {res['method']} ε = {res['eps']:.4g} (robust acc {best['robust_accuracy']:.3f}, "
+        ok = "" if out.feasible else "  [bold red](no trial met the clean-AUC floor)[/]"
+        out_console.print(f"{name}: {res['method']} ε = {out.eps:.4g} (robust acc {best['robust_accuracy']:.3f}, "
                           f"clean AUC {best['clean_auc']:.3f}; {len(res['trials'])} trials, {res['seconds']:.0f} s){ok}")
 
 
@@ -363,9 +371,12 @@ def stage_harden(
     job: Annotated[str | None, typer.Argument(help="Training job (default: every job).")] = None,
 ) -> None:
     """Harden each job's baseline with its method and ε; train the comparison methods (a dvc.yaml stage)."""
-    from ctharden.train.harden_stage import run_harden
+    from ctharden.config.jobs import job_names
+    from ctharden.stages import harden
 
-    for name, res in run_harden(state.params(), [job] if job else None).items():
+    params = state.params()
+    for name in [job] if job else job_names(params):
+        res = harden.run(params, name).record
         table = Table(title=f"{name}: 100-PGD accuracy ({res['norm']}) on {res['n_test_attacked']} test samples")
         eps = next(iter(res["curves"].values()))["eps"]
         for col in ("method", "test AUC", *[f"{e:g}" for e in eps], "area"):
@@ -378,18 +389,17 @@ def stage_harden(
 @stage_app.command("ingest")
 def stage_ingest(name: Annotated[str, typer.Argument(help="Dataset name from params.yaml `datasets:`.")]) -> None:
     """Ingest one configured dataset (a dvc.yaml stage)."""
-    from ctharden import pipeline
+    from ctharden.stages import ingest
 
-    _print_report(pipeline.ingest(state.params(), name), f"ingest {name}")
+    _print_report(ingest.run(state.params(), name).to_json(), f"ingest {name}")
 
 
 @stage_app.command("validate")
 def stage_validate(name: Annotated[str, typer.Argument(help="Dataset name from params.yaml `datasets:`.")]) -> None:
     """Validate one configured dataset with its GX checkpoint (a dvc.yaml stage)."""
-    from ctharden import pipeline
+    from ctharden.stages import validate
 
-    summary = pipeline.validate(state.params(), name)
-    out_console.print(pipeline.summarize_validation({name: summary}))
+    out_console.print(validate.summarize({name: validate.run(state.params(), name).to_json()}))
 
 
 def _print_gate(gated: dict[str, Any]) -> None:
@@ -415,7 +425,6 @@ def _print_gate(gated: dict[str, Any]) -> None:
         out_console.print(table)
 
 
-@app.command("gate")
 def gate_cmd(
     jobs: Annotated[list[str] | None, typer.Argument(help="Jobs to gate (default: every evaluated job).")] = None,
     variant: Annotated[str, typer.Option(
@@ -424,20 +433,16 @@ def gate_cmd(
         "--no-fail", help="Record the verdicts and exit 0 even when a model fails (the pipeline's gate stage).")] = False,
 ) -> None:
     """Robustness gate: check each evaluated model against params.yaml `gate`, write metrics/gate.json,
-    print every criterion, and exit non-zero if a gated model fails."""
-    from ctharden.errors import GateFailed
-    from ctharden.evaluate.gate import failures, gate_path, run_gate
+    print every criterion, and exit non-zero if a gated model fails (a dvc.yaml stage)."""
+    from ctharden.stages import gate
 
-    params = state.params()
-    gated = run_gate(params, variant, jobs or None)
-    _print_gate(gated)
-    out_console.print(f"written: {gate_path(params)}")
-    failed = failures(gated)
-    if failed and not no_fail:
-        raise GateFailed("gate failed: " + " | ".join(failed))
+    result = gate.run(state.params(), variant, jobs or None)
+    _print_gate(result.record)
+    out_console.print(f"written: {result.metrics}")
+    if not result.passed and not no_fail:
+        raise GateFailed("gate failed: " + " | ".join(result.failures))
 
 
-@app.command("register")
 def register_cmd(
     jobs: Annotated[list[str] | None, typer.Argument(help="Jobs to register (default: every gated job).")] = None,
     variant: Annotated[list[str] | None, typer.Option(
@@ -445,16 +450,25 @@ def register_cmd(
 ) -> None:
     """Register each gated model in the MLflow registry only if its gate passed (tags, description,
     report link; `challenger` -> new version, `champion` only if it beats the current one). Exits
-    non-zero when a job has no model that passed."""
-    from ctharden.errors import GateFailed
-    from ctharden.registry import ORDER, register, register_markdown, unregistered_jobs
+    non-zero when a job has no model that passed (a dvc.yaml stage)."""
+    from ctharden.stages import register
+    from ctharden.tracking.promotion import ORDER, register_markdown
 
-    summary = register(state.params(), jobs or None, variant or ORDER)
-    out_console.print(register_markdown({**summary, "jobs": {j: summary["jobs"][j] for j in (jobs or summary["jobs"])}}))
-    missing = unregistered_jobs(summary, jobs or summary["jobs"])
+    params = state.params()
+    results = [register.run(params, job, variant or ORDER) for job in jobs] if jobs else [
+        register.run(params, "all", variant or ORDER)]
+    summary = results[-1].record
+    shown = jobs or list(summary["jobs"])
+    out_console.print(register_markdown({**summary, "jobs": {j: summary["jobs"][j] for j in shown}}))
+    missing = [job for r in results for job in r.unregistered]
     if missing:
         why = "; ".join(o["reason"] for j in missing for o in summary["jobs"][j])
         raise GateFailed(f"nothing registered for {', '.join(missing)}: {why}")
+
+
+for _group in (stage_app, app):  # `ctharden gate|register`: short aliases of `ctharden stage gate|register`
+    _group.command("gate")(gate_cmd)
+    _group.command("register")(register_cmd)
 
 
 @app.command("ci-gate")
@@ -466,8 +480,7 @@ def ci_gate_cmd(
 ) -> None:
     """Pull-request check: the robustness gate on this checkout's metrics plus a regression check of
     every gated metric against BASE, with `dvc metrics diff BASE`; exits non-zero on fail."""
-    from ctharden.ci_gate import ci_gate
-    from ctharden.errors import GateFailed
+    from ctharden.stages.ci_gate import ci_gate
 
     res = ci_gate(state.params(), base, variant=variant)
     out_console.print(res["markdown"], markup=False, highlight=False)
@@ -481,9 +494,9 @@ def ci_gate_cmd(
 @stage_app.command("data-version")
 def stage_data_version() -> None:
     """Print the data version: the DVC hash of data/ and each dataset's content hash."""
-    from ctharden import pipeline
+    from ctharden.data.version import data_version
 
-    out_console.print_json(json.dumps(pipeline.data_version(state.params())))
+    out_console.print_json(json.dumps(data_version(state.params())))
 
 
 def main() -> None:

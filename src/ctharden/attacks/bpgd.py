@@ -7,9 +7,9 @@ iterate) brackets the decision boundary ("case 1"). ``n_binary`` bisection steps
 segment between them shrink the bracket by ``2^-n_binary``. A sample whose iterates all stay
 correct has no boundary point within ε ("case 0", the paper's ``None``).
 
-Choices (documented, see ``DESIGN.md``):
+Choices (documented, see ``docs/ARCHITECTURE.md``):
 
-- The model runs in **eval mode** with frozen parameters (:func:`~ctharden.attacks.pgd.attack_mode`),
+- The model runs in **eval mode** with frozen parameters (:func:`~ctharden.attacks.common.attack_mode`),
   so BatchNorm running statistics never move during the search (the authors' code attacks in
   train mode).
 - PGD starts at the clean sample itself (no random start): the sequence then begins on the
@@ -31,19 +31,19 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ctharden.attacks.losses import attack_loss
-from ctharden.attacks.pgd import (
-    NORMS,
-    _ascent_direction,
-    _check_choice,
-    _check_int,
-    _forward,
-    _prepare,
-    _view,
+from ctharden.attacks.common import (
+    ascent_direction,
     attack_mode,
+    batch_view,
+    canonical_forward,
+    check_choice,
+    check_int,
     flat_norm,
+    prepare_batch,
     project,
 )
+from ctharden.attacks.losses import attack_loss
+from ctharden.attacks.pgd import NORMS
 
 BPGD_ALPHA = 4.0  # ma 2020, section 3: "α in PGD is 4"
 
@@ -101,12 +101,12 @@ def bpgd(
         sample (a sample leaves the PGD loop at its first misclassified iterate) plus ``n_binary``
         forward passes for each sample with a boundary point.
     """
-    _check_choice("norm", norm, NORMS)
-    _check_choice("loss", loss, ("ce", "margin"))
-    _check_int("n_pgd", n_pgd, 1)
-    _check_int("n_binary", n_binary, 0)
+    check_choice("norm", norm, NORMS)
+    check_choice("loss", loss, ("ce", "margin"))
+    check_int("n_pgd", n_pgd, 1)
+    check_int("n_binary", n_binary, 0)
     with attack_mode(model):
-        b = _prepare(model, x, y, eps, clip, output)
+        b = prepare_batch(model, x, y, eps, clip, output)
         correct = b.adapter.predict(b.clean_z) == b.y
         step = float(alpha) * b.eps / n_pgd
         cur, prev = b.x.clone(), b.x.clone()
@@ -121,7 +121,7 @@ def bpgd(
             last = i == n_pgd
             with torch.enable_grad():
                 xg = xa.detach().requires_grad_(not last)
-                z = _forward(model, xg, b.adapter, False)
+                z = canonical_forward(model, xg, b.adapter, False)
                 if not last:
                     (grad,) = torch.autograd.grad(attack_loss(loss, z, ya, b.adapter.binary).sum(), xg)
             with torch.no_grad():
@@ -135,7 +135,7 @@ def bpgd(
                 keep = ~wrong
                 go = act[keep]
                 prev[go] = xa[keep]
-                moved = xa[keep] + _view(step[go], xa) * _ascent_direction(grad[keep], norm)
+                moved = xa[keep] + batch_view(step[go], xa) * ascent_direction(grad[keep], norm)
                 cur[go] = project(moved, b.x[go], b.eps[go], norm, b.clip)
         rest = correct & ~found
         x_n[rest] = cur[rest]
@@ -145,9 +145,9 @@ def bpgd(
             with torch.no_grad():
                 for _ in range(n_binary):
                     mid = (lo + hi) / 2
-                    wrong = b.adapter.predict(_forward(model, mid, b.adapter, False)) != yf
-                    hi = torch.where(_view(wrong.to(mid.dtype), mid).bool(), mid, hi)
-                    lo = torch.where(_view(wrong.to(mid.dtype), mid).bool(), lo, mid)
+                    wrong = b.adapter.predict(canonical_forward(model, mid, b.adapter, False)) != yf
+                    hi = torch.where(batch_view(wrong.to(mid.dtype), mid).bool(), mid, hi)
+                    lo = torch.where(batch_view(wrong.to(mid.dtype), mid).bool(), lo, mid)
             x_in[f], x_n[f] = lo, hi
         nan = torch.full((x.shape[0],), float("nan"), device=x.device)
         distance = torch.where(found, flat_norm(x_n - b.x, norm), nan)

@@ -22,7 +22,7 @@ loss       binary logit ``z``, label ``y`` in {0, 1}     class logits ``z``, lab
 The margin is the signed logit margin: positive when the sample is misclassified. For a binary
 logit ``BCE = softplus(margin)``, so the two losses order iterates the same way but their gradients
 differ in scale (CE's vanishes on confidently classified samples; the margin's does not). DLR-type
-losses need at least three classes and are not offered (see ``DESIGN.md``).
+losses need at least three classes and are not offered (see ``docs/ARCHITECTURE.md``).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ctharden.errors import ConfigError
+from ctharden.core.errors import ConfigError
 
 LOSSES: tuple[str, ...] = ("ce", "margin")
 KINDS: tuple[str, ...] = ("logit", "logits2", "rating", "logits")

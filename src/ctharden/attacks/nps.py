@@ -71,7 +71,7 @@ so same generator state -> same result. On CPU the result also does not depend o
 when a slice has a multiple of 16 pixels (torch's CPU normal sampler fills blocks of 16; a 32×32
 or 224×224 slice qualifies); on CUDA the stream depends on the chunking.
 
-The model runs in eval mode with frozen parameters (:func:`ctharden.attacks.pgd.attack_mode`);
+The model runs in eval mode with frozen parameters (:func:`ctharden.attacks.common.attack_mode`);
 the caller's flags are restored afterwards.
 """
 
@@ -86,9 +86,17 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ctharden.attacks.common import (
+    attack_mode,
+    autocast_ctx,
+    batch_slices,
+    canonical_forward,
+    check_int,
+    param_dtype,
+    use_bf16,
+)
 from ctharden.attacks.losses import AttackError, OutputAdapter, infer_adapter
 from ctharden.attacks.nps_metrics import san, san_rate, sar_above_curve, sar_from_counts
-from ctharden.attacks.pgd import _autocast, _check_int, _chunks, _forward, _param_dtype, _use_bf16, attack_mode
 from ctharden.noise import default_nps, project_to_nps, sample_nps_noise
 from ctharden.noise.nps import NPSModel
 
@@ -221,7 +229,7 @@ def _check_inputs(model: nn.Module, x: Any, spacing_mm: Any) -> Tensor:
     if x.shape[-1] < 2 or x.shape[-2] < 2:
         raise AttackError(f"axial slices must be at least 2x2, got shape {tuple(x.shape)}")
     xw = x.detach()
-    dtype = _param_dtype(model)
+    dtype = param_dtype(model)
     if dtype is not None and xw.dtype != dtype:
         xw = xw.to(dtype)
     finite = torch.isfinite(xw.flatten(1)).all(1)
@@ -254,8 +262,8 @@ def _clean(model: nn.Module, x: Tensor, imap: InputMap, batch_size: int) -> tupl
     """Adapter and fp32 canonical clean outputs ``z`` (needs :func:`attack_mode` active)."""
     zs: list[Tensor] = []
     adapter: OutputAdapter | None = None
-    with torch.no_grad(), _autocast(x.device, False):
-        for sl in _chunks(x.shape[0], batch_size):
+    with torch.no_grad(), autocast_ctx(x.device, False):
+        for sl in batch_slices(x.shape[0], batch_size):
             xb = x[sl]
             raw = model(imap(xb, torch.zeros_like(xb)))
             if adapter is None:
@@ -312,8 +320,8 @@ def random_nps_attack(
     Returns:
         :class:`NPSAttackResult` with one level per mAs (in the given order).
     """
-    _check_int("k", k, 1)
-    _check_int("batch_size", batch_size, 1)
+    check_int("k", k, 1)
+    check_int("batch_size", batch_size, 1)
     levels = [_check_mas(m) for m in mas_levels]
     if not levels:
         raise AttackError("mas_levels is empty")
@@ -325,15 +333,15 @@ def random_nps_attack(
     imap = InputMap(model, hu_per_unit)
     scales = [math.sqrt(ref / m) for m in levels]
     counts = torch.zeros((len(levels), n), dtype=torch.long, device=x.device)
-    with attack_mode(model), torch.inference_mode(), _autocast(x.device, False):
+    with attack_mode(model), torch.inference_mode(), autocast_ctx(x.device, False):
         adapter, z0 = _clean(model, x, imap, batch_size)
         y0 = adapter.predict(z0)
-        for sl in _chunks(n * k, batch_size):
+        for sl in batch_slices(n * k, batch_size):
             idx = torch.arange(sl.start, sl.stop, device=x.device) // k  # sample-major order
             xb = x[idx]
             base = sample_nps_noise(xb.shape, ref, spacing_mm, nps=nps_model, generator=generator, device=x.device)
             for m, scale in enumerate(scales):  # common random numbers across mAs levels
-                z = _forward(model, imap(xb, (base * scale).to(xb.dtype)), adapter, False)
+                z = canonical_forward(model, imap(xb, (base * scale).to(xb.dtype)), adapter, False)
                 counts[m].index_add_(0, idx, (adapter.predict(z) != y0[idx]).long())
     return NPSAttackResult(
         attack="random",
@@ -382,9 +390,9 @@ def optimized_nps_attack(
             ``(N, restarts, *spatial)`` HU on CPU).
         Other arguments as in :func:`random_nps_attack`.
     """
-    _check_int("restarts", restarts, 1)
-    _check_int("n_iter", n_iter, 1)
-    _check_int("batch_size", batch_size, 1)
+    check_int("restarts", restarts, 1)
+    check_int("n_iter", n_iter, 1)
+    check_int("batch_size", batch_size, 1)
     m = _check_mas(mas)
     step = _check_float("step_hu", step_hu, positive=True)
     tol_v = _check_float("tol", tol, positive=False)
@@ -396,11 +404,11 @@ def optimized_nps_attack(
     finals: list[Tensor] = []
     steps_taken = torch.zeros(n * restarts, dtype=torch.long)
     with attack_mode(model):
-        bf16 = _use_bf16(model, x, autocast)
+        bf16 = use_bf16(model, x, autocast)
         adapter, z0 = _clean(model, x, imap, batch_size)
         y0 = adapter.predict(z0)
         d0 = _prob(z0, adapter)
-        for sl in _chunks(n * restarts, batch_size):
+        for sl in batch_slices(n * restarts, batch_size):
             idx = torch.arange(sl.start, sl.stop, device=x.device) // restarts
             xb, d0b = x[idx], d0[idx]
             with torch.no_grad():
@@ -415,7 +423,7 @@ def optimized_nps_attack(
                 pa, xa = p[act], xb[act]
                 with torch.enable_grad():
                     pg = pa.detach().requires_grad_(True)
-                    with _autocast(x.device, bf16):
+                    with autocast_ctx(x.device, bf16):
                         raw = model(imap(xa, pg))
                     d = _prob(adapter.canonical(raw).float(), adapter)
                     obj = (d - d0b[act]).square().sum(1)
@@ -431,7 +439,7 @@ def optimized_nps_attack(
                     n_steps[act.cpu()] += 1
                     active[act] = rel > tol_v
             with torch.no_grad():
-                z = _forward(model, imap(xb, p), adapter, False)
+                z = canonical_forward(model, imap(xb, p), adapter, False)
                 counts.index_add_(0, idx, (adapter.predict(z) != y0[idx]).long())
             steps_taken[sl] = n_steps
             if return_perturbations:

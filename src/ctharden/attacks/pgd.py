@@ -5,8 +5,8 @@ once with the margin loss, a sample counting as broken when either run breaks it
 (``loss="both"``). Units: every ε and step size is in *model-input units* (``[0, 1]`` for ctharden
 models; see :mod:`ctharden.models.wrapper` for the HU equivalent, ``CTClassifier.eps_to_hu``).
 
-Conventions (``DESIGN.md``)
----------------------------
+Conventions (``docs/ARCHITECTURE.md``)
+--------------------------------------
 - The model runs in **eval mode** with **parameters frozen** (``requires_grad=False``) for the whole
   attack; the caller's per-module train/eval flags and per-parameter ``requires_grad`` are restored
   afterwards, also when the attack raises. BatchNorm statistics therefore never move.
@@ -70,264 +70,35 @@ models through ``logit = rating - 3`` (see :mod:`ctharden.attacks.losses`). The 
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from ctharden.attacks.losses import AttackError, OutputAdapter, attack_loss, infer_adapter
-
-NORMS: tuple[str, ...] = ("linf", "l2")
-ATTACK_LOSSES: tuple[str, ...] = ("ce", "margin", "both")
-# default step: factor * eps / steps (see "Step size" in the module docstring)
-STEP_SIZE_FACTOR: dict[str, float] = {"linf": 2.5, "l2": 5.0}
-
-
-# ---------------------------------------------------------------------------------------------------
-# model state
-
-
-@contextlib.contextmanager
-def attack_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Eval mode and frozen parameters inside the block; the caller's state is restored after.
-
-    Restores each module's own ``training`` flag (a partly frozen model keeps its mix) and each
-    parameter's ``requires_grad``.
-    """
-    modes = [(m, m.training) for m in model.modules()]
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    try:
-        model.eval()
-        for p, _ in flags:
-            p.requires_grad_(False)
-        yield model
-    finally:
-        for m, training in modes:
-            m.training = training
-        for p, requires_grad in flags:
-            p.requires_grad_(requires_grad)
-
-
-def _param_dtype(model: nn.Module) -> torch.dtype | None:
-    for p in model.parameters():
-        if p.is_floating_point():
-            return p.dtype
-    return None
-
-
-def _autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
-    if device.type not in ("cpu", "cuda"):
-        return contextlib.nullcontext()
-    if enabled:
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return torch.autocast(device_type=device.type, enabled=False)
-
-
-def _forward(model: nn.Module, xin: Tensor, adapter: OutputAdapter, bf16: bool) -> Tensor:
-    """Canonical output (binary logit or class logits) as fp32."""
-    with _autocast(xin.device, bf16):
-        out = model(xin)
-    return adapter.canonical(out).float()
-
-
-# ---------------------------------------------------------------------------------------------------
-# argument handling
-
-
-@dataclass
-class _Batch:
-    """Validated attack inputs (all on x's device, in the model's parameter dtype)."""
-
-    x: Tensor  # (N, ...) detached, working dtype
-    y: Tensor  # (N,) long
-    eps: Tensor  # (N,) fp32, >= 0
-    clip: tuple[float, float] | None
-    adapter: OutputAdapter
-    clean_z: Tensor  # canonical fp32 output on x
-    dtype: torch.dtype  # caller's dtype of x
-
-
-def _check_choice(name: str, value: Any, choices: Sequence[str]) -> str:
-    if value not in choices:
-        raise AttackError(f"{name} must be one of {list(choices)}, got {value!r}")
-    return value
-
-
-def _check_int(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise AttackError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return value
-
-
-def _per_sample(name: str, value: float | Tensor, n: int, device: torch.device) -> Tensor:
-    """A float or a tensor with one value per sample -> fp32 ``(N,)``; finite and >= 0."""
-    if isinstance(value, Tensor):
-        t = value.detach().to(device=device, dtype=torch.float32)
-        if t.numel() == 1:
-            t = t.reshape(()).expand(n)
-        elif t.numel() == n:
-            t = t.reshape(n)
-        else:
-            raise AttackError(
-                f"{name} must be a float or hold one value per sample ({n}), got shape {tuple(value.shape)}"
-            )
-    else:
-        try:
-            v = float(value)
-        except (TypeError, ValueError):
-            raise AttackError(f"{name} must be a float or a tensor, got {value!r}") from None
-        t = torch.full((n,), v, device=device, dtype=torch.float32)
-    bad = ~torch.isfinite(t) | (t < 0)
-    if bad.any():
-        i = int(bad.nonzero()[0])
-        raise AttackError(f"{name} must be finite and >= 0; sample {i} has {t[i].item()!r}")
-    return t.contiguous()
-
-
-def _check_x(x: Any) -> None:
-    if not isinstance(x, Tensor) or not x.is_floating_point() or x.dim() < 2:
-        raise AttackError("x must be a floating-point tensor of shape (N, ...) with at least 2 dims")
-    if x.shape[0] == 0:
-        raise AttackError("x is empty")
-
-
-def _check_clip(clip: Any) -> tuple[float, float] | None:
-    if clip is None:
-        return None
-    try:
-        lo, hi = (float(v) for v in clip)
-    except (TypeError, ValueError):
-        raise AttackError(f"clip must be None or (lo, hi), got {clip!r}") from None
-    if not lo < hi:
-        raise AttackError(f"clip must have lo < hi, got {clip!r}")
-    return (lo, hi)
-
-
-def _labels(y: Any, n: int, device: torch.device) -> Tensor:
-    t = torch.as_tensor(y, device=device)
-    if t.dim() == 2 and t.shape[1] == 1:
-        t = t.squeeze(1)
-    if t.shape != (n,):
-        raise AttackError(f"y must have shape ({n},) to match x, got {tuple(t.shape)}")
-    if t.is_floating_point():
-        if not torch.equal(t, t.round()):
-            raise AttackError("y must hold integer class labels")
-    return t.long()
-
-
-def _prepare(
-    model: nn.Module,
-    x: Tensor,
-    y: Any,
-    eps: float | Tensor,
-    clip: Any,
-    output: str | None,
-) -> _Batch:
-    """Validate the arguments; run the clean fp32 forward pass (needs :func:`attack_mode` active)."""
-    _check_x(x)
-    n = x.shape[0]
-    clip_range = _check_clip(clip)
-    xw = x.detach()
-    pdtype = _param_dtype(model)
-    if pdtype is not None and xw.dtype != pdtype:
-        xw = xw.to(pdtype)
-    if not torch.isfinite(xw).all():
-        bad = int((~torch.isfinite(xw.flatten(1))).any(1).nonzero()[0])
-        raise AttackError(f"x has non-finite values (sample {bad})")
-    if clip_range is not None:
-        lo, hi = clip_range
-        flat = xw.flatten(1)
-        out_of_range = (flat < lo - 1e-6).any(1) | (flat > hi + 1e-6).any(1)
-        if out_of_range.any():
-            i = int(out_of_range.nonzero()[0])
-            raise AttackError(
-                f"sample {i} lies outside the clip range {clip_range} "
-                f"(min {flat[i].min().item():.4g}, max {flat[i].max().item():.4g}); "
-                "attacks take model-input units (CTClassifier.to_input) or pass clip=None"
-            )
-        xw = xw.clamp(lo, hi)
-    labels = _labels(y, n, x.device)
-    eps_t = _per_sample("eps", eps, n, x.device)
-    with torch.no_grad(), _autocast(x.device, False):
-        raw = model(xw)
-    adapter = infer_adapter(model, raw, output)
-    z = adapter.canonical(raw).float()
-    if z.shape[0] != n:
-        raise AttackError(f"the model returned {z.shape[0]} outputs for {n} samples")
-    n_classes = adapter.n_classes(z)
-    if (labels < 0).any() or (labels >= n_classes).any():
-        raise AttackError(f"labels must lie in [0, {n_classes - 1}] for a {adapter.kind!r} model")
-    return _Batch(xw, labels, eps_t, clip_range, adapter, z, x.dtype)
-
-
-# ---------------------------------------------------------------------------------------------------
-# geometry
-
-
-def _view(t: Tensor, like: Tensor) -> Tensor:
-    """``(N,)`` -> ``(N, 1, ..., 1)`` broadcastable against ``like``."""
-    return t.reshape(-1, *([1] * (like.dim() - 1))).to(like.dtype)
-
-
-def _mask(m: Tensor, like: Tensor) -> Tensor:
-    """Bool ``(N,)`` -> ``(N, 1, ..., 1)``."""
-    return m.reshape(-1, *([1] * (like.dim() - 1)))
-
-
-def flat_norm(t: Tensor, norm: str) -> Tensor:
-    """Per-sample norm over all non-batch dims, fp32 ``(N,)``."""
-    f = t.flatten(1).float()
-    return f.abs().amax(dim=1) if norm == "linf" else f.norm(dim=1)
-
-
-def random_in_ball(x: Tensor, eps: Tensor, norm: str, generator: torch.Generator | None = None) -> Tensor:
-    """A random perturbation inside the ε-ball: L∞ uniform; L2 uniform direction × radius ε·U, U ~ U(0, 1)."""
-    if norm == "linf":
-        u = torch.rand(x.shape, generator=generator, device=x.device, dtype=torch.float32)
-        return ((2 * u - 1) * _view(eps, u)).to(x.dtype)
-    direction = random_on_sphere(x, torch.ones_like(eps), generator)
-    r = torch.rand(eps.shape, generator=generator, device=x.device, dtype=torch.float32)
-    return direction * _view(eps * r, direction)
-
-
-def random_on_sphere(x: Tensor, radius: Tensor, generator: torch.Generator | None = None) -> Tensor:
-    """A uniformly random direction per sample scaled to L2 norm ``radius`` ``(N,)``."""
-    g = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32)
-    g = g / _view(flat_norm(g, "l2").clamp_min(1e-12), g)
-    return (g * _view(radius, g)).to(x.dtype)
-
-
-def project(xa: Tensor, x: Tensor, eps: Tensor, norm: str, clip: tuple[float, float] | None) -> Tensor:
-    """Project the iterate ``xa`` onto the ε-ball around ``x``, then onto the clip range."""
-    delta = xa - x
-    if norm == "linf":
-        e = _view(eps, delta)
-        delta = torch.maximum(torch.minimum(delta, e), -e)
-    else:
-        n = flat_norm(delta, "l2")
-        factor = (eps / n.clamp_min(1e-12)).clamp(max=1.0)
-        delta = delta * _view(factor, delta)
-    xa = x + delta
-    if clip is not None:
-        xa = xa.clamp(clip[0], clip[1])
-    return xa
-
-
-def _ascent_direction(grad: Tensor, norm: str) -> Tensor:
-    g = torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0)
-    if norm == "linf":
-        return g.sign()
-    return g / _view(flat_norm(g, "l2").clamp_min(1e-12), g)
-
-
-def default_step_size(eps: Tensor, steps: int, norm: str = "linf") -> Tensor:
-    """Per-sample default step: L∞ ``2.5·ε/steps``, L2 ``5·ε/steps``."""
-    return STEP_SIZE_FACTOR[norm] * eps / steps
-
+from ctharden.attacks.common import (
+    ATTACK_LOSSES,
+    NORMS,
+    AttackBatch,
+    ascent_direction,
+    attack_mode,
+    batch_mask,
+    batch_slices,
+    batch_view,
+    canonical_forward,
+    check_choice,
+    check_int,
+    check_x,
+    default_step_size,
+    per_sample,
+    prepare_batch,
+    project,
+    random_in_ball,
+    use_bf16,
+)
+from ctharden.attacks.losses import AttackError, attack_loss
 
 # ---------------------------------------------------------------------------------------------------
 # the attack
@@ -361,7 +132,7 @@ class RunTrace:
 
 def _run(
     model: nn.Module,
-    b: _Batch,
+    b: AttackBatch,
     *,
     norm: str,
     loss: str,
@@ -399,12 +170,12 @@ def _run(
         xs, ys, xs0 = xa[idx], y[idx], x[idx]
         if last:
             with torch.no_grad():
-                z = _forward(model, xs, b.adapter, bf16)
+                z = canonical_forward(model, xs, b.adapter, bf16)
                 value = attack_loss(loss, z, ys, binary)
         else:
             with torch.enable_grad():
                 xg = xs.detach().requires_grad_(True)
-                z = _forward(model, xg, b.adapter, bf16)
+                z = canonical_forward(model, xg, b.adapter, bf16)
                 value = attack_loss(loss, z, ys, binary)
                 (grad,) = torch.autograd.grad(value.sum(), xg)
         with torch.no_grad():
@@ -412,7 +183,7 @@ def _run(
             broken = b.adapter.predict(z.detach()) != ys
             bb, bl = best_broken[idx], best_loss[idx]
             better = (broken & ~bb) | ((broken == bb) & (lv > bl))
-            best[idx] = torch.where(_mask(better, xs), xs, best[idx])
+            best[idx] = torch.where(batch_mask(better, xs), xs, best[idx])
             best_broken[idx] = bb | broken
             best_loss[idx] = torch.where(better, lv, bl)
             cur_loss[idx] = lv
@@ -421,12 +192,12 @@ def _run(
                     trace.loss_first[idx] = lv
                 trace.best_steps.append(best_loss.clone())
             if not last:
-                xa[idx] = project(xs + _view(alpha[idx], xs) * _ascent_direction(grad, norm), xs0, b.eps[idx], norm, b.clip)
+                xa[idx] = project(xs + batch_view(alpha[idx], xs) * ascent_direction(grad, norm), xs0, b.eps[idx], norm, b.clip)
             if early_stop:
                 drop = best_broken[idx]
                 if bf16 and bool(drop.any()):  # leave only when the fp32 decision agrees
                     cand = idx[drop]
-                    zf = _forward(model, best[cand], b.adapter, False)
+                    zf = canonical_forward(model, best[cand], b.adapter, False)
                     drop[drop.clone()] = b.adapter.predict(zf) != y[cand]
                 idx = idx[~drop]
     if trace is not None:
@@ -434,10 +205,10 @@ def _run(
     return best
 
 
-def _evaluate(model: nn.Module, xa: Tensor, b: _Batch, loss: str) -> tuple[Tensor, Tensor]:
+def _evaluate(model: nn.Module, xa: Tensor, b: AttackBatch, loss: str) -> tuple[Tensor, Tensor]:
     """Plain (fp32, no autocast) forward: (broken, score) with score = ``loss`` per sample."""
     with torch.no_grad():
-        z = _forward(model, xa, b.adapter, False)
+        z = canonical_forward(model, xa, b.adapter, False)
         broken = b.adapter.predict(z) != b.y
         score = torch.nan_to_num(attack_loss(loss, z, b.y, b.adapter.binary), nan=float("-inf"))
     return broken, score
@@ -453,7 +224,7 @@ def _merge(
     xn, bn, sn = new
     better = (bn & ~bc) | ((bn == bc) & (sn > sc))
     return (
-        torch.where(_mask(better, xc), xn, xc),
+        torch.where(batch_mask(better, xc), xn, xc),
         bc | bn,
         torch.where(better, sn, sc),
     )
@@ -461,7 +232,7 @@ def _merge(
 
 def _attack(
     model: nn.Module,
-    b: _Batch,
+    b: AttackBatch,
     *,
     norm: str,
     steps: int,
@@ -481,7 +252,7 @@ def _attack(
     alpha = (
         default_step_size(b.eps, steps, norm)
         if step_size is None
-        else _per_sample("step_size", step_size, n, b.x.device)
+        else per_sample("step_size", step_size, n, b.x.device)
     )
     losses = ("ce", "margin") if loss == "both" else (loss,)
     key = "margin" if loss == "both" else loss
@@ -507,20 +278,13 @@ def _attack(
     return x_adv, broken
 
 
-def _score(b: _Batch, z: Tensor, key: str) -> tuple[Tensor, Tensor]:
+def _score(b: AttackBatch, z: Tensor, key: str) -> tuple[Tensor, Tensor]:
     broken = b.adapter.predict(z) != b.y
     return broken, torch.nan_to_num(attack_loss(key, z, b.y, b.adapter.binary), nan=float("-inf"))
 
 
-def _use_bf16(model: nn.Module, x: Tensor, autocast: bool) -> bool:
-    return bool(autocast) and _param_dtype(model) == torch.float32 and x.device.type in ("cpu", "cuda")
 
 
-def _chunks(n: int, batch_size: int | None) -> list[slice]:
-    if batch_size is None:
-        return [slice(0, n)]
-    _check_int("batch_size", batch_size, 1)
-    return [slice(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
 
 
 def _slice_arg(value: Any, sl: slice, n: int) -> Any:
@@ -565,8 +329,8 @@ def pgd(
             restarts; a sample is broken if either breaks it — what the evaluation uses).
         clip: ``(lo, hi)`` valid input range (x must lie in it), or None for no clipping.
         autocast: run the attack's forward/backward passes under bf16 autocast (fp32 models on
-            CPU/CUDA only; DESIGN.md measures ~5× for a paper-width nodule CNN fwd+bwd on this
-            CPU). ``broken`` still comes from an fp32 pass.
+            CPU/CUDA only; about 1.3-5× faster on CPUs with AVX-512 BF16, see
+            ``benchmarks/attacks.py``). ``broken`` still comes from an fp32 pass.
         output: override the output kind (``logit`` | ``logits2`` | ``rating`` | ``logits``).
         generator: random source for the starts (default: torch's global RNG, so
             ``torch.manual_seed`` makes the attack reproducible).
@@ -581,18 +345,18 @@ def pgd(
         ``(x_adv, broken)``: ``x_adv`` with the shape and dtype of ``x``; ``broken`` a bool ``(N,)``,
         True where the model's fp32 prediction on ``x_adv`` differs from ``y``.
     """
-    _check_choice("norm", norm, NORMS)
-    _check_choice("loss", loss, ATTACK_LOSSES)
-    _check_int("steps", steps, 1)
-    _check_int("restarts", restarts, 1)
-    _check_x(x)
+    check_choice("norm", norm, NORMS)
+    check_choice("loss", loss, ATTACK_LOSSES)
+    check_int("steps", steps, 1)
+    check_int("restarts", restarts, 1)
+    check_x(x)
     n = x.shape[0]
     y = torch.as_tensor(y, device=x.device)
     advs, brokens = [], []
     with attack_mode(model):
-        bf16 = _use_bf16(model, x, autocast)
-        for sl in _chunks(n, batch_size):
-            b = _prepare(model, x[sl], _slice_arg(y, sl, n), _slice_arg(eps, sl, n), clip, output)
+        bf16 = use_bf16(model, x, autocast)
+        for sl in batch_slices(n, batch_size):
+            b = prepare_batch(model, x[sl], _slice_arg(y, sl, n), _slice_arg(eps, sl, n), clip, output)
             xa, broken = _attack(
                 model, b, norm=norm, steps=steps, step_size=_slice_arg(step_size, sl, n),
                 restarts=restarts, loss=loss, bf16=bf16, generator=generator, early_stop=early_stop,
@@ -622,20 +386,20 @@ def fgsm(
     L∞: ``x + ε·sign(∇)``; L2: ``x + ε·∇/‖∇‖₂``; then the clip range. ``loss="both"`` takes the
     worse of the CE and margin steps per sample. Returns ``(x_adv, broken)`` like :func:`pgd`.
     """
-    _check_choice("norm", norm, NORMS)
-    _check_choice("loss", loss, ATTACK_LOSSES)
+    check_choice("norm", norm, NORMS)
+    check_choice("loss", loss, ATTACK_LOSSES)
     losses = ("ce", "margin") if loss == "both" else (loss,)
     key = "margin" if loss == "both" else loss
     with attack_mode(model):
-        b = _prepare(model, x, y, eps, clip, output)
+        b = prepare_batch(model, x, y, eps, clip, output)
         best = None
         for name in losses:
             with torch.enable_grad():
                 xg = b.x.detach().requires_grad_(True)
-                z = _forward(model, xg, b.adapter, False)
+                z = canonical_forward(model, xg, b.adapter, False)
                 (grad,) = torch.autograd.grad(attack_loss(name, z, b.y, b.adapter.binary).sum(), xg)
             with torch.no_grad():
-                step = _view(b.eps, b.x) * _ascent_direction(grad, norm)
+                step = batch_view(b.eps, b.x) * ascent_direction(grad, norm)
                 xa = project(b.x + step, b.x, b.eps, norm, b.clip)
             best = _merge(best, (xa, *_evaluate(model, xa, b, key)))
         assert best is not None
@@ -649,7 +413,7 @@ def fgsm(
 def predict_broken(model: nn.Module, x: Tensor, y: Tensor, *, output: str | None = None) -> Tensor:
     """``(N,)`` bool: the model's plain fp32 (eval-mode) prediction on ``x`` differs from ``y``."""
     with attack_mode(model):
-        b = _prepare(model, x, y, 0.0, None, output)
+        b = prepare_batch(model, x, y, 0.0, None, output)
         return b.adapter.predict(b.clean_z) != b.y
 
 

@@ -54,24 +54,20 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ctharden.attacks.losses import AttackError, attack_loss
-from ctharden.attacks.pgd import (
-    ATTACK_LOSSES,
-    NORMS,
-    RunTrace,
-    _attack,
-    _check_choice,
-    _check_int,
-    _forward,
-    _prepare,
-    _use_bf16,
+from ctharden.attacks.common import (
     attack_mode,
-    fgsm,
+    canonical_forward,
+    check_choice,
+    check_int,
     flat_norm,
+    prepare_batch,
     project,
     random_in_ball,
     random_on_sphere,
+    use_bf16,
 )
+from ctharden.attacks.losses import AttackError, attack_loss
+from ctharden.attacks.pgd import ATTACK_LOSSES, NORMS, RunTrace, _attack, fgsm
 
 CHECKS: tuple[str, ...] = (
     "budget",
@@ -154,7 +150,7 @@ def _pgd_traced(
 ) -> tuple[Tensor, Tensor, list[RunTrace]]:
     traces: list[RunTrace] = []
     with attack_mode(model):
-        b = _prepare(model, x, y, eps, clip, output)
+        b = prepare_batch(model, x, y, eps, clip, output)
         xa, broken = _attack(
             model, b, norm=norm, steps=steps, step_size=None, restarts=restarts, loss=loss,
             bf16=bf16, generator=None, traces=traces, early_stop=early_stop,
@@ -194,10 +190,10 @@ def _budget_excess(
 
 def _input_gradient(model: nn.Module, x: Tensor, y: Tensor, loss: str, output: str | None) -> Tensor:
     with attack_mode(model):
-        b = _prepare(model, x, y, 0.0, None, output)
+        b = prepare_batch(model, x, y, 0.0, None, output)
         with torch.enable_grad():
             xg = b.x.detach().requires_grad_(True)
-            z = _forward(model, xg, b.adapter, False)
+            z = canonical_forward(model, xg, b.adapter, False)
             (grad,) = torch.autograd.grad(attack_loss(loss, z, b.y, b.adapter.binary).sum(), xg)
     return grad
 
@@ -207,7 +203,7 @@ def _random_broken(
 ) -> Tensor:
     """Samples broken by at least one of ``draws`` random perturbations of size ε."""
     with attack_mode(model):
-        b = _prepare(model, x, y, eps, clip, output)
+        b = prepare_batch(model, x, y, eps, clip, output)
         broken = torch.zeros_like(b.y, dtype=torch.bool)
         with torch.no_grad():
             for _ in range(draws):
@@ -216,7 +212,7 @@ def _random_broken(
                 else:
                     noise = random_on_sphere(b.x, b.eps)
                 xa = project(b.x + noise, b.x, b.eps, norm, b.clip)
-                z = _forward(model, xa, b.adapter, False)
+                z = canonical_forward(model, xa, b.adapter, False)
                 broken |= b.adapter.predict(z) != b.y
     return broken
 
@@ -293,11 +289,11 @@ def run_sanity_checks(
         early_stop: the PGD runs drop a sample once it is broken (as the evaluation runs them;
             same ``broken``). ``loss_increase`` then counts each run's attacked samples only.
     """
-    _check_choice("norm", norm, NORMS)
-    _check_choice("loss", loss, ATTACK_LOSSES)
-    _check_int("steps", steps, 1)
-    _check_int("restarts", restarts, 1)
-    _check_int("n_random", n_random, 1)
+    check_choice("norm", norm, NORMS)
+    check_choice("loss", loss, ATTACK_LOSSES)
+    check_int("steps", steps, 1)
+    check_int("restarts", restarts, 1)
+    check_int("n_random", n_random, 1)
     try:
         given = [float(e) for e in eps_list]
     except (TypeError, ValueError):
@@ -309,10 +305,10 @@ def run_sanity_checks(
     big = float(large_eps) if large_eps is not None else _default_large_eps(x, norm, clip_range)
     if not big > 0:
         raise AttackError(f"large_eps must be > 0, got {large_eps!r}")
-    bf16 = _use_bf16(model, x, autocast)
+    bf16 = use_bf16(model, x, autocast)
 
     with attack_mode(model):
-        b0 = _prepare(model, x, y, 0.0, None, output)
+        b0 = prepare_batch(model, x, y, 0.0, None, output)
         pred, ylong = b0.adapter.predict(b0.clean_z), b0.y
     clean_acc = 1.0 - float((pred != ylong).float().mean())
 
@@ -471,7 +467,7 @@ def pgd_accuracy(
     :func:`run_sanity_checks`, whose curve is the same sweep plus the self-checks.
     """
     with attack_mode(model):
-        bf16 = _use_bf16(model, x, autocast)
+        bf16 = use_bf16(model, x, autocast)
     sweep = _pgd_sweep(model, x, y, [float(e) for e in eps_values], norm=norm, steps=steps, restarts=restarts,
                        loss=loss, clip=clip, bf16=bf16, output=None, early_stop=True)
     return [1.0 - float(sweep[float(e)][1].float().mean()) for e in eps_values]

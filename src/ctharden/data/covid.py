@@ -39,8 +39,8 @@ import numpy as np
 from PIL import Image, ImageFile
 from tqdm import tqdm
 
+from ctharden.core.errors import ConfigError, DataError
 from ctharden.data.dataset import DatasetWriter, read_info, read_manifest
-from ctharden.errors import ConfigError, DataError
 
 __all__ = [
     "IMAGE_EXTENSIONS",

@@ -35,9 +35,9 @@ import numpy as np
 import pandas as pd
 
 from ctharden import __version__
+from ctharden.core.errors import DataError
+from ctharden.core.io import atomic_directory, atomic_write_json
 from ctharden.data.splits import assign_splits
-from ctharden.errors import DataError
-from ctharden.io import atomic_directory, atomic_write_json
 
 MANIFEST = "manifest.csv"
 INFO = "dataset.json"

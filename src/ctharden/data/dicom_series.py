@@ -19,7 +19,7 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 from scipy import ndimage
 
-from ctharden.errors import DataError
+from ctharden.core.errors import DataError
 
 AIR_HU = -1024.0
 

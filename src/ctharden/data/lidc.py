@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from ctharden.core.errors import DataError
 from ctharden.data.dataset import DatasetWriter, read_info
 from ctharden.data.dicom_series import Volume, extract_cube, find_series, load_volume
 from ctharden.data.lidc_xml import (
@@ -39,7 +40,6 @@ from ctharden.data.lidc_xml import (
     malignancy_label,
     parse_read_message,
 )
-from ctharden.errors import DataError
 
 log = logging.getLogger(__name__)
 

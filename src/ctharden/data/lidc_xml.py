@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from ctharden.errors import DataError
+from ctharden.core.errors import DataError
 
 _NS = {"n": "http://www.nih.gov"}
 _PATIENT_RE = re.compile(r"LIDC-IDRI-\d{4}")

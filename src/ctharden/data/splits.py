@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ctharden.errors import DataError
+from ctharden.core.errors import DataError
 
 
 def assign_splits(

@@ -42,8 +42,8 @@ from numpy.polynomial import legendre
 from scipy import ndimage
 from tqdm import tqdm
 
+from ctharden.core.errors import DataError
 from ctharden.data.dataset import DatasetWriter, read_info, task_spec
-from ctharden.errors import DataError
 
 GENERATOR_VERSION = 1
 PATIENT_ID_KIND = "synthetic-phantom"

@@ -40,6 +40,8 @@ import numpy as np
 import pandas as pd
 
 from ctharden import __version__
+from ctharden.core.errors import DataError, ValidationFailed
+from ctharden.core.io import atomic_directory, atomic_write_json, atomic_write_text, sha256_file
 from ctharden.data.dataset import (
     ARRAYS,
     MANIFEST,
@@ -49,8 +51,6 @@ from ctharden.data.dataset import (
     read_manifest,
     task_spec,
 )
-from ctharden.errors import DataError, ValidationFailed
-from ctharden.io import atomic_directory, atomic_write_json, atomic_write_text, sha256_file
 
 VALIDATION_JSON = "validation.json"
 SUMMARY_CSV = "summary.csv"

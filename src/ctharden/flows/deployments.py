@@ -26,6 +26,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ctharden.flows.pipeline import harden_pipeline, reevaluate_champion
+
 if TYPE_CHECKING:
     from prefect.deployments.runner import RunnerDeployment
 
@@ -64,8 +66,6 @@ def deployments(
     whoever runs them only needs the package installed."""
     from prefect.schedules import Cron
     from prefect.types.entrypoint import EntrypointType
-
-    from ctharden.flows.pipeline import harden_pipeline, reevaluate_champion
 
     base = deployment_parameters(profile, params_path, overrides)
     label = profile or "params default"

@@ -8,10 +8,10 @@ Inside a flow body::
         summary = train_fanout(params, "nodule3d")     # == run_training_job(params, "nodule3d")
         return evaluate_fanout(params)                  # == run_evaluation(params)
 
-Same results as the serial functions, same files: a fold is :func:`ctharden.train.job.train_one_fold`
-(seeded by ``init_seed(seed, k)``), an evaluation unit is :func:`ctharden.evaluate.units.run_unit`
-(seeded from ``(seed, unit)``), and the serial writers (:func:`ctharden.train.job.finish_training`,
-:func:`ctharden.evaluate.stage.write_evaluation`) run in the flow's process. Each task loads its
+Same results as the serial functions, same files: a fold is :func:`ctharden.stages.train.train_one_fold`
+(seeded by ``init_seed(seed, k)``), an evaluation unit is :func:`ctharden.evaluation.units.run_unit`
+(seeded from ``(seed, unit)``), and the serial writers (:func:`ctharden.stages.train.finish_training`,
+:func:`ctharden.stages.evaluate.write_evaluation`) run in the flow's process. Each task loads its
 job's models and data from ``params`` itself (files on a shared disk; nothing large goes through
 the scheduler); a unit's result (metrics, small tensors) comes back.
 
@@ -52,10 +52,15 @@ from prefect.futures import wait
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect_dask import DaskTaskRunner
 
-from ctharden.errors import ConfigError
-from ctharden.evaluate.units import EvalUnit, UnitResult, assemble, evaluation_units, run_unit
-from ctharden.flows.pipeline import _transient
-from ctharden.train.job import FoldRecord, TrainJob, run_training, train_one_fold
+from ctharden.config.paths import evaluation_paths, train_paths
+from ctharden.core.errors import ConfigError
+from ctharden.evaluation.units import EvalUnit, UnitResult, assemble, evaluation_units, run_unit
+from ctharden.flows.retry import transient
+from ctharden.stages import evaluate as evaluate_stage
+from ctharden.stages import train as train_stage
+from ctharden.stages.evaluate import evaluation_plan, finish_job, prepare_job, write_evaluation
+from ctharden.stages.result import EvaluateResult, TrainResult
+from ctharden.stages.train import FoldRecord, TrainJob, run_training, train_one_fold
 
 RUNNERS = ("serial", "dask")
 _SUBMIT_ORDER = {"pgd": 0, "optimized_nps": 1, "examples": 2, "random_nps": 3, "clean": 4}  # longest first
@@ -146,44 +151,42 @@ def _torch_threads(n: int | None) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-@task(name="evaluate-unit", retries=2, retry_delay_seconds=2, retry_condition_fn=_transient, cache_policy=NO_CACHE,
+@task(name="evaluate-unit", retries=2, retry_delay_seconds=2, retry_condition_fn=transient, cache_policy=NO_CACHE,
       task_run_name="evaluate-{job}-{unit.name}")
 def evaluation_unit_task(params: dict[str, Any], job: str, variant: str, unit: EvalUnit,
                          threads: int | None = None) -> UnitResult:
     """One evaluation unit of ``job``; loads the job's models and data from ``params``. ``threads``:
     torch's intra-op threads for the unit (results depend on it; None: the worker's)."""
-    from ctharden.evaluate.stage import prepare_job
 
     ctx = prepare_job(params, job, variant)
     with _torch_threads(threads):
         return run_unit(unit, ctx.models, ctx.data, ctx.settings, seed=ctx.seed, nps=ctx.nps)
 
 
-@task(name="train-fold", retries=2, retry_delay_seconds=2, retry_condition_fn=_transient, cache_policy=NO_CACHE,
+@task(name="train-fold", retries=2, retry_delay_seconds=2, retry_condition_fn=transient, cache_policy=NO_CACHE,
       task_run_name="train-{job}-fold{fold}")
 def train_fold_task(params: dict[str, Any], job: str, fold: int, parent_run_id: str) -> FoldRecord:
-    """Train one CV fold (see :func:`ctharden.train.job.train_one_fold`), nested under the job's
+    """Train one CV fold (see :func:`ctharden.stages.train.train_one_fold`), nested under the job's
     MLflow run ``parent_run_id``."""
     return train_one_fold(params, job, fold, parent_run_id)
 
 
-def train_fanout(params: dict[str, Any], job: str) -> dict[str, Any]:
-    """:func:`ctharden.train.job.run_training_job` with one task per fold; call inside a flow.
-    Returns the same summary and writes the same files."""
+def train_fanout(params: dict[str, Any], job: str) -> TrainResult:
+    """:func:`ctharden.stages.train.run` with one task per fold; call inside a flow. Returns the
+    same result and writes the same files."""
     def fan_out(ctx: TrainJob) -> list[FoldRecord]:
         futures = [train_fold_task.submit(params, job, k, ctx.run_id) for k in ctx.folds]
         wait(futures)  # every fold has ended before the parent run may end
         return [f.result() for f in futures]
 
-    return run_training(params, job, fan_out)
+    return TrainResult(train_stage.STAGE, job, run_training(params, job, fan_out), train_paths(params, job)["metrics"])
 
 
 def evaluate_fanout(params: dict[str, Any], variant: str = "baseline", jobs: list[str] | None = None, *,
-                    log_mlflow: bool = True) -> dict[str, Any]:
-    """:func:`ctharden.evaluate.stage.run_evaluation` with one task per evaluation unit (every
-    job's units submitted at once, the usually longest kinds first: PGD, optimised NPS); call
-    inside a flow. Returns the same dict, writes the same files."""
-    from ctharden.evaluate.stage import evaluation_plan, finish_job, prepare_job, write_evaluation
+                    log_mlflow: bool = True) -> EvaluateResult:
+    """:func:`ctharden.stages.evaluate.run` with one task per evaluation unit (every job's units
+    submitted at once, the usually longest kinds first: PGD, optimised NPS); call inside a flow.
+    Returns the same result, writes the same files."""
 
     names, baselines = evaluation_plan(params, jobs, variant)
     contexts = {job: prepare_job(params, job, variant) for job in names}
@@ -197,5 +200,6 @@ def evaluate_fanout(params: dict[str, Any], variant: str = "baseline", jobs: lis
         partials = [futures[job, u].result() for u in todo[job]]
         result, visuals = assemble(todo[job], partials, ctx.settings, len(ctx.models))
         evaluated[job] = (finish_job(ctx, result), visuals, ctx.model)
-    return write_evaluation(params, evaluated, variant=variant, jobs=jobs, log_mlflow=log_mlflow,
-                            baselines=baselines)
+    out = write_evaluation(params, evaluated, variant=variant, jobs=jobs, log_mlflow=log_mlflow, baselines=baselines)
+    return EvaluateResult(evaluate_stage.STAGE[variant], variant, out["metrics"], evaluation_paths(params, variant)["metrics"],
+                          out["report"])

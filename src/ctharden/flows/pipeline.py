@@ -1,11 +1,13 @@
-"""Prefect flows: the same stages as dvc.yaml, calling the same library functions.
+"""Prefect flows: the same stages as dvc.yaml, each task calling one stage's ``run``.
 
-- ``data_flow``: ingest and validate every dataset (:mod:`ctharden.pipeline`);
-- ``harden_pipeline``: ``data_flow`` -> train every job (:mod:`ctharden.train.job`) -> evaluate
-  (:mod:`ctharden.evaluate.stage`) -> gate (:mod:`ctharden.evaluate.gate`) -> tune ε
-  (:mod:`ctharden.tune`) -> harden (:mod:`ctharden.train.harden_stage`) -> evaluate the hardened
-  models -> gate -> register (:mod:`ctharden.registry`), with a markdown artifact per stage and a
-  final summary artifact;
+- ``data_flow``: ingest and validate every dataset (:mod:`ctharden.stages.ingest`,
+  :mod:`ctharden.stages.validate`);
+- ``harden_pipeline``: ``data_flow`` -> train every job (:mod:`ctharden.stages.train`) -> evaluate
+  (:mod:`ctharden.stages.evaluate`) -> gate (:mod:`ctharden.stages.gate`) -> tune ε
+  (:mod:`ctharden.stages.tune`) -> harden (:mod:`ctharden.stages.harden`) -> evaluate the hardened
+  models -> gate -> register (:mod:`ctharden.stages.register`), with a markdown artifact per stage
+  and a final summary artifact. Tasks return the stages' typed results
+  (:mod:`ctharden.stages.result`);
 - ``reevaluate_champion``: re-run the robustness evaluation and the gate on each job's registered
   ``champion`` with the current data (the nightly deployment, :mod:`ctharden.flows.deployments`).
 
@@ -39,23 +41,46 @@ from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import INPUTS, TASK_SOURCE
 
-from ctharden import pipeline
-from ctharden.config import load_params, section
-from ctharden.errors import CthardenError, ValidationFailed
-
-
-def _transient(task_: Any, task_run: Any, state: Any) -> bool:
-    """Retry only errors that a retry can fix (I/O), never bad input."""
-    try:
-        state.result()
-    except CthardenError:
-        return False
-    except OSError:
-        return True
-    except Exception:  # noqa: BLE001 - anything else is a bug: do not retry
-        return False
-    return False
-
+from ctharden.config.jobs import job_config, job_names
+from ctharden.config.params import load_params, section
+from ctharden.config.paths import (
+    dataset_dir,
+    dataset_names,
+    evaluation_paths,
+    harden_paths,
+    metrics_path,
+    train_paths,
+    tune_paths,
+    validation_dir,
+)
+from ctharden.core.errors import DataError, GateFailed, ValidationFailed
+from ctharden.core.io import load_json
+from ctharden.flows.fanout import evaluate_fanout, task_runner, train_fanout
+from ctharden.flows.retry import transient
+from ctharden.gate.criteria import gate_markdown, reasons
+from ctharden.stages import evaluate as evaluate_stage
+from ctharden.stages import gate as gate_stage
+from ctharden.stages import harden as harden_stage
+from ctharden.stages import ingest as ingest_stage
+from ctharden.stages import reevaluate as reevaluate_stage
+from ctharden.stages import register as register_stage
+from ctharden.stages import train as train_stage
+from ctharden.stages import tune as tune_stage
+from ctharden.stages import validate as validate_stage
+from ctharden.stages.harden import curves_markdown
+from ctharden.stages.result import (
+    EvaluateResult,
+    GateResult,
+    HardenResult,
+    IngestResult,
+    RegisterResult,
+    StageResult,
+    TrainResult,
+    TuneResult,
+    ValidateResult,
+)
+from ctharden.stages.tune import trials_markdown
+from ctharden.tracking.promotion import register_markdown
 
 CACHE = INPUTS + TASK_SOURCE
 
@@ -88,155 +113,143 @@ def fresh(task_: Any, *outputs: Path | str) -> Any:
     return task_.with_options(refresh_cache=not all(Path(o).exists() for o in outputs))
 
 
-@task(name="ingest", retries=2, retry_delay_seconds=2, retry_condition_fn=_transient, task_run_name="ingest-{name}",
+@task(name="ingest", retries=2, retry_delay_seconds=2, retry_condition_fn=transient, task_run_name="ingest-{name}",
       cache_policy=CACHE, persist_result=True)
-def ingest_task(params: dict[str, Any], name: str, fingerprint: str = "") -> dict[str, Any]:
-    """Build one configured dataset (see :func:`ctharden.pipeline.ingest`); ``fingerprint`` (raw
-    data and code) only keys the cache."""
-    return pipeline.ingest(params, name)
+def ingest_task(params: dict[str, Any], name: str, fingerprint: str = "") -> IngestResult:
+    """Build one configured dataset (:func:`ctharden.stages.ingest.run`); ``fingerprint`` (raw data
+    and code) only keys the cache."""
+    return ingest_stage.run(params, name)
 
 
-@task(name="validate", retries=2, retry_delay_seconds=2, retry_condition_fn=_transient,
+@task(name="validate", retries=2, retry_delay_seconds=2, retry_condition_fn=transient,
       task_run_name="validate-{name}", cache_policy=CACHE, persist_result=True)
-def validate_task(params: dict[str, Any], name: str, ingested: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Validate one dataset; returns its summary, with ``success`` False rather than raising."""
+def validate_task(params: dict[str, Any], name: str, ingested: IngestResult | None = None) -> ValidateResult:
+    """Validate one dataset (:func:`ctharden.stages.validate.run`); a failed validation is returned
+    (``success`` False, with the message) rather than raised."""
     try:
-        return pipeline.validate(params, name)
+        return validate_stage.run(params, name)
     except ValidationFailed as exc:
-        summary = pipeline.load_json(pipeline.metrics_path(params, "validate", name))
-        summary["message"] = str(exc)
-        return summary
+        path = metrics_path(params, validate_stage.STAGE, name)
+        return ValidateResult(validate_stage.STAGE, name, {**load_json(path), "message": str(exc)}, path)
 
 
 @flow(name="ctharden-data")
 def data_flow(
     profile: str | None = None, params_path: str = "params.yaml", overrides: Sequence[str] = ()
-) -> dict[str, dict[str, Any]]:
+) -> dict[str, ValidateResult]:
     """Ingest and validate every dataset in params.yaml; fail if any is invalid."""
     params = load_params(params_path, profile, list(overrides))
-    names = pipeline.dataset_names(params)
+    names = dataset_names(params)
     code = code_fingerprint()
     ingested = {}
     for name in names:
-        out = [pipeline.metrics_path(params, "ingest", name), pipeline.dataset_dir(params, name) / "dataset.json"]
+        out = [metrics_path(params, "ingest", name), dataset_dir(params, name) / "dataset.json"]
         ingested[name] = fresh(ingest_task, *out).submit(params, name, code + source_fingerprint(params, name))
     results = {}
     for name in names:
-        out = [pipeline.metrics_path(params, "validate", name), pipeline.validation_dir(params, name) / "validation.json"]
+        out = [metrics_path(params, "validate", name), validation_dir(params, name) / "validation.json"]
         results[name] = fresh(validate_task, *out).submit(params, name, ingested[name])
     for fut in ingested.values():
         fut.result()  # re-raises an ingest error as itself (it names the bad file)
     summaries = {name: fut.result() for name, fut in results.items()}
     create_markdown_artifact(
         key="data-validation",
-        markdown="# Data validation\n\n" + pipeline.summarize_validation(summaries),
+        markdown="# Data validation\n\n" + validate_stage.summarize({n: s.to_json() for n, s in summaries.items()}),
         description=f"Great Expectations results per dataset (profile {params['profile']})",
     )
-    failed = [name for name, s in summaries.items() if not s["success"]]
+    failed = [name for name, s in summaries.items() if not s.success]
     if failed:
         raise ValidationFailed(f"datasets failed validation: {', '.join(failed)}; nothing downstream runs")
     return summaries
 
 
 @task(name="train", task_run_name="train-{job}", cache_policy=CACHE, persist_result=True)
-def train_task(params: dict[str, Any], job: str, upstream: Any = None) -> dict[str, Any]:
-    """Run one training job (see :func:`ctharden.train.job.run_training_job`); its MLflow run is its own.
+def train_task(params: dict[str, Any], job: str, upstream: Any = None) -> TrainResult:
+    """Run one training job (:func:`ctharden.stages.train.run`); its MLflow run is its own.
     ``upstream`` (the validated dataset's summary, the code fingerprint) only keys the cache."""
-    from ctharden.train.job import run_training_job
-
-    return run_training_job(params, job, progress=False)
+    return train_stage.run(params, job, progress=False)
 
 
-@task(name="evaluate", retries=1, retry_delay_seconds=2, retry_condition_fn=_transient, cache_policy=CACHE,
+@task(name="evaluate", retries=1, retry_delay_seconds=2, retry_condition_fn=transient, cache_policy=CACHE,
       persist_result=True, task_run_name="evaluate-{variant}")
-def evaluate_task(params: dict[str, Any], variant: str = "baseline", upstream: Any = None) -> dict[str, Any]:
-    """Robustness evaluation of every trained (or hardened) job (see
-    :func:`ctharden.evaluate.stage.run_evaluation`); publishes the report's summary (Table 2, PGD,
-    sanity verdicts, baseline vs hardened) as a markdown artifact."""
-    from ctharden.evaluate.stage import run_evaluation
-
-    out = run_evaluation(params, variant=variant)
-    publish_evaluation(out, variant)
+def evaluate_task(params: dict[str, Any], variant: str = "baseline", upstream: Any = None) -> EvaluateResult:
+    """Robustness evaluation of every trained (or hardened) job (:func:`ctharden.stages.evaluate.run`);
+    publishes the report's summary (Table 2, PGD, sanity verdicts, baseline vs hardened) as a
+    markdown artifact."""
+    out = evaluate_stage.run(params, variant)
+    publish_evaluation(out)
     return out
 
 
-def publish_evaluation(out: dict[str, Any], variant: str) -> None:
+def publish_evaluation(out: EvaluateResult) -> None:
     """The evaluation's markdown summary as a Prefect artifact."""
     create_markdown_artifact(
-        key="robustness" if variant == "baseline" else "robustness-hardened",
-        markdown=Path(out["report"]["summary"]).read_text(),
-        description=f"NPS attacks (SAN/N %), 100-PGD robust accuracy and sanity checks; report {out['report']['html']}",
+        key="robustness" if out.name == "baseline" else "robustness-hardened",
+        markdown=Path(out.report["summary"]).read_text(),
+        description=f"NPS attacks (SAN/N %), 100-PGD robust accuracy and sanity checks; report {out.html}",
     )
 
 
 @task(name="tune", task_run_name="tune-{job}", cache_policy=CACHE, persist_result=True)
-def tune_task(params: dict[str, Any], job: str, upstream: Any = None) -> dict[str, Any]:
-    """The job's training ε by Optuna, seeded by IMA's margins (see :func:`ctharden.tune.tune_job`)."""
-    from ctharden.tune import trials_markdown, tune_job
-
-    out = tune_job(params, job)
-    if out.get("trials"):
-        create_markdown_artifact(key=f"tune-{job.lower()}", markdown=trials_markdown(out),
+def tune_task(params: dict[str, Any], job: str, upstream: Any = None) -> TuneResult:
+    """The job's training ε by Optuna, seeded by IMA's margins (:func:`ctharden.stages.tune.run`)."""
+    out = tune_stage.run(params, job)
+    if out.record.get("trials"):
+        create_markdown_artifact(key=f"tune-{job.lower()}", markdown=trials_markdown(out.to_json()),
                                  description=f"Optuna trials for {job}'s hardening ε")
     return out
 
 
 @task(name="harden", task_run_name="harden-{job}", cache_policy=CACHE, persist_result=True)
-def harden_task(params: dict[str, Any], job: str, upstream: Any = None) -> dict[str, Any]:
-    """Harden the job's baseline and compare methods (see :func:`ctharden.train.harden_stage.harden_job`)."""
-    from ctharden.train.harden_stage import curves_markdown, harden_job
-
-    out = harden_job(params, job)
+def harden_task(params: dict[str, Any], job: str, upstream: Any = None) -> HardenResult:
+    """Harden the job's baseline and compare methods (:func:`ctharden.stages.harden.run`)."""
+    out = harden_stage.run(params, job)
     create_markdown_artifact(key=f"harden-{job.lower()}", markdown=f"# {job}: hardening methods\n\n"
-                             + curves_markdown(out["curves"], out["norm"]),
+                             + curves_markdown(out.record["curves"], out.record["norm"]),
                              description=f"100-PGD accuracy vs ε of every hardening method for {job}")
     return out
 
 
 @task(name="gate", task_run_name="gate-{variant}")
-def gate_task(params: dict[str, Any], variant: str, upstream: Any = None) -> dict[str, Any]:
-    """Decide every gate criterion for the evaluated ``variant`` (see :func:`ctharden.evaluate.gate.run_gate`),
+def gate_task(params: dict[str, Any], variant: str, upstream: Any = None) -> GateResult:
+    """Decide every gate criterion for the evaluated ``variant`` (:func:`ctharden.stages.gate.run`),
     never raising on a failed gate (registration refuses it); publishes the gate table."""
-    from ctharden.evaluate.gate import gate_markdown, run_gate
-
-    gated = run_gate(params, variant)
-    create_markdown_artifact(key=f"gate-{variant}", markdown=f"# Robustness gate ({variant})\n\n" + gate_markdown(gated),
+    gated = gate_stage.run(params, variant)
+    create_markdown_artifact(key=f"gate-{variant}", markdown=f"# Robustness gate ({variant})\n\n"
+                             + gate_markdown(gated.record),
                              description=f"every gate criterion of the {variant} models: value, threshold, verdict")
     return gated
 
 
-@task(name="register", retries=2, retry_delay_seconds=5, retry_condition_fn=_transient)
-def register_task(params: dict[str, Any], upstream: Any = None) -> dict[str, Any]:
-    """Register every model that passed its gate (see :func:`ctharden.registry.register`); publishes the outcome."""
-    from ctharden.registry import register, register_markdown
-
-    summary = register(params)
-    create_markdown_artifact(key="registry", markdown="# Model registry\n\n" + register_markdown(summary),
+@task(name="register", retries=2, retry_delay_seconds=5, retry_condition_fn=transient)
+def register_task(params: dict[str, Any], upstream: Any = None) -> RegisterResult:
+    """Register every model that passed its gate (:func:`ctharden.stages.register.run`); publishes the outcome."""
+    summary = register_stage.run(params)
+    create_markdown_artifact(key="registry", markdown="# Model registry\n\n" + register_markdown(summary.record),
                              description="gate verdict and registry outcome per job and model")
     return summary
 
 
-def _training_markdown(trained: dict[str, dict[str, Any]]) -> str:
+def _training_markdown(trained: dict[str, TrainResult]) -> str:
     rows = ["| job | dataset | test AUC (mean ± std) | accuracy | MLflow run |", "|---|---|---|---|---|"]
     for job, s in trained.items():
-        auc, acc = s["test_mean_std"]["auc"], s["test_mean_std"]["accuracy"]
+        auc, acc = s.test_mean_std["auc"], s.test_mean_std["accuracy"]
         auc_txt = f"{auc['mean']:.3f} ± {auc['std']:.3f}" if auc["mean"] is not None else "n/a"
-        rows.append(f"| {job} | {s['dataset']} | {auc_txt} | {acc['mean']:.3f} | {s['mlflow']['run_id']} |")
+        rows.append(f"| {job} | {s.record['dataset']} | {auc_txt} | {acc['mean']:.3f} | {s.run_id} |")
     return "# Training\n\n" + "\n".join(rows)
 
 
 def summary_markdown(result: dict[str, Any], params: dict[str, Any]) -> str:
     """The final summary: per job the baseline's and the hardened model's gate verdicts, the chosen
     ε and the registry outcome, with links to the reports."""
-    from ctharden.evaluate.stage import evaluation_paths
 
     lines = [f"# ctharden pipeline (profile {params.get('profile')})", "",
              "| job | baseline gate | tuned ε | hardened gate | registry | champion |", "|---|---|---|---|---|---|"]
-    reg = result["register"]
+    reg = result["register"].record
     for job in result["train"]:
-        b = result["gate_baseline"].get("baseline", {}).get(job)
-        h = result["gate_hardened"].get("hardened", {}).get(job)
-        eps = result["tune"][job].get("eps")
+        b = result["gate_baseline"].record.get("baseline", {}).get(job)
+        h = result["gate_hardened"].record.get("hardened", {}).get(job)
+        eps = result["tune"][job].eps
         outcome = "; ".join(f"{o['variant']}: {o['status']}" + (f" v{o['version']}" if o.get("version") else "")
                             for o in reg["jobs"].get(job, []))
         champ = reg["champions"].get(job) or {}
@@ -248,26 +261,21 @@ def summary_markdown(result: dict[str, Any], params: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _train_and_evaluate(params: dict[str, Any], data: dict[str, Any], code: str, runner: str
-                        ) -> tuple[dict[str, Any], dict[str, Any]]:
+def _train_and_evaluate(params: dict[str, Any], data: dict[str, ValidateResult], code: str, runner: str
+                        ) -> tuple[dict[str, TrainResult], EvaluateResult]:
     """Train every job, then evaluate them: stage tasks (serial) or fold/unit tasks (dask)."""
-    from ctharden.evaluate.stage import evaluation_paths
-    from ctharden.train.job import job_config, job_dirs, job_names
-
     jobs = job_names(params)
     if runner == "dask":
-        from ctharden.flows.fanout import evaluate_fanout, train_fanout
-
         trained = {job: train_fanout(params, job) for job in jobs}
         evaluated = evaluate_fanout(params, "baseline")
-        publish_evaluation(evaluated, "baseline")
+        publish_evaluation(evaluated)
         return trained, evaluated
     trained = {}
     for job in jobs:  # sequentially: each job uses every core
         ds = data[job_config(params, job)["dataset"]]
-        trained[job] = fresh(train_task, job_dirs(params, job)["metrics"]).submit(
-            params, job, {"code": code, "dataset": ds["content_hash"]}).result()
-    upstream = {"code": code, "runs": {j: s["mlflow"]["run_id"] for j, s in trained.items()}}
+        trained[job] = fresh(train_task, train_paths(params, job)["metrics"]).submit(
+            params, job, {"code": code, "dataset": ds.content_hash}).result()
+    upstream = {"code": code, "runs": {j: s.run_id for j, s in trained.items()}}
     evaluated = fresh(evaluate_task, evaluation_paths(params)["metrics"]).submit(params, "baseline", upstream).result()
     return trained, evaluated
 
@@ -281,9 +289,6 @@ def harden_pipeline(
 
     ``runner="dask"``: CV folds and evaluation units run as separate tasks on the flow's task
     runner (give the flow a ``DaskTaskRunner``: see :func:`run_pipeline`)."""
-    from ctharden.evaluate.stage import evaluation_paths
-    from ctharden.train.harden_stage import harden_paths
-    from ctharden.tune import tune_paths
 
     data = data_flow(profile=profile, params_path=params_path, overrides=overrides)
     params = load_params(params_path, profile, list(overrides))
@@ -291,18 +296,18 @@ def harden_pipeline(
     trained, evaluated = _train_and_evaluate(params, data, code, runner)
     create_markdown_artifact(key="training", markdown=_training_markdown(trained),
                              description="clean test metrics over folds per training job")
-    gate_baseline = gate_task(params, "baseline", {j: r["headline"] for j, r in evaluated["metrics"].items()})
+    gate_baseline = gate_task(params, "baseline", {j: r["headline"] for j, r in evaluated.jobs.items()})
     tuned, hardened = {}, {}
     for job, s in trained.items():
-        up = {"code": code, "run": s["mlflow"]["run_id"]}
+        up = {"code": code, "run": s.run_id}
         tuned[job] = fresh(tune_task, tune_paths(params, job)["metrics"]).submit(params, job, up).result()
         hardened[job] = fresh(harden_task, harden_paths(params, job)["metrics"]).submit(
-            params, job, {**up, "eps": tuned[job].get("eps")}).result()
-    upstream = {"code": code, "runs": {j: h["mlflow"]["run_id"] for j, h in hardened.items()},
-                "baseline": {j: r["headline"] for j, r in evaluated["metrics"].items()}}
+            params, job, {**up, "eps": tuned[job].eps}).result()
+    upstream = {"code": code, "runs": {j: h.run_id for j, h in hardened.items()},
+                "baseline": {j: r["headline"] for j, r in evaluated.jobs.items()}}
     evaluated_hardened = fresh(evaluate_task, evaluation_paths(params, "hardened")["metrics"]).submit(
         params, "hardened", upstream).result()
-    gate_hardened = gate_task(params, "hardened", {j: r["headline"] for j, r in evaluated_hardened["metrics"].items()})
+    gate_hardened = gate_task(params, "hardened", {j: r["headline"] for j, r in evaluated_hardened.jobs.items()})
     registered = register_task(params, gate_hardened)
     result = {"data": data, "train": trained, "evaluate": evaluated, "gate_baseline": gate_baseline, "tune": tuned,
               "harden": hardened, "evaluate_hardened": evaluated_hardened, "gate_hardened": gate_hardened,
@@ -313,13 +318,11 @@ def harden_pipeline(
 
 
 @task(name="reevaluate-champion", task_run_name="reevaluate-{job}", retries=1, retry_delay_seconds=5,
-      retry_condition_fn=_transient)
-def reevaluate_champion_task(params: dict[str, Any], job: str) -> dict[str, Any] | None:
-    """Evaluate and gate the job's registered champion on the current data (see
-    :func:`ctharden.registry.reevaluate_champion`); None when the job has no champion."""
-    from ctharden.registry import reevaluate_champion
-
-    return reevaluate_champion(params, job)
+      retry_condition_fn=transient)
+def reevaluate_champion_task(params: dict[str, Any], job: str) -> StageResult | None:
+    """Evaluate and gate the job's registered champion on the current data
+    (:func:`ctharden.stages.reevaluate.run`); None when the job has no champion."""
+    return reevaluate_stage.run(params, job)
 
 
 @flow(name="reevaluate-champion")
@@ -329,14 +332,11 @@ def reevaluate_champion(
 ) -> dict[str, Any]:
     """The nightly check: ingest + validate the current data, then evaluate and gate every job's
     ``champion``; tags each champion version with the verdict and fails if any champion now fails."""
-    from ctharden.errors import DataError, GateFailed
-    from ctharden.evaluate.gate import gate_markdown, reasons
-    from ctharden.train.job import job_names
 
     data_flow(profile=profile, params_path=params_path, overrides=overrides)
     params = load_params(params_path, profile, list(overrides))
     results = {job: reevaluate_champion_task(params, job) for job in (jobs or job_names(params))}
-    checked = {job: r for job, r in results.items() if r is not None}
+    checked = {job: r.record for job, r in results.items() if r is not None}
     if not checked:
         raise DataError(f"no registered champion for {', '.join(results)}: run the harden pipeline first")
     create_markdown_artifact(
@@ -358,7 +358,6 @@ def run_pipeline(profile: str | None = None, params_path: str = "params.yaml", o
     of an existing Dask scheduler, else a LocalCluster, also from params ``dask.address``)."""
     if runner == "serial":
         return harden_pipeline(profile=profile, params_path=params_path, overrides=overrides)
-    from ctharden.flows.fanout import task_runner
 
     params = load_params(params_path, profile, list(overrides))
     cfg = params.get("dask") or {}

@@ -7,10 +7,10 @@ each model's input scale (HU window -> [0, 1]) and output convention.
 >>> same = model_from_config(model.config()); same.load_state_dict(model.state_dict())
 
 See :mod:`ctharden.models.wrapper` for the units of inputs and ε, and
-:mod:`ctharden.models.registry` for the architectures.
+:mod:`ctharden.models.architectures` for the architectures.
 """
 
-from ctharden.models.registry import ARCHITECTURES, ArchSpec, build_model, get_arch, model_from_config
+from ctharden.models.architectures import ARCHITECTURES, ArchSpec, build_model, get_arch, model_from_config
 from ctharden.models.wrapper import (
     DEFAULT_WINDOW_HU,
     OUTPUTS,

@@ -44,7 +44,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ctharden.errors import ConfigError
+from ctharden.core.errors import ConfigError
 from ctharden.models.bf16_guard import guard_conv3d
 
 OUTPUTS: tuple[str, ...] = ("logit", "logits2", "rating")

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ctharden.errors import ConfigError
+from ctharden.core.errors import ConfigError
 from ctharden.noise.nps import NPSModel, ParametricNPS, load_nps_table
 
 MODELS = ("parametric", "table")
@@ -101,3 +101,8 @@ class NoiseConfig:
             rolloff_exponent=self.rolloff_exponent,
             ref_kvp=self.ref_kvp,
         )
+
+
+def noise_model(params: Mapping[str, Any] | None) -> NPSModel:
+    """The NPS model configured under ``robustness.noise`` of the full params dict."""
+    return NoiseConfig.from_params(params).build()

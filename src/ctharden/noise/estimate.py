@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ctharden.errors import ConfigError
+from ctharden.core.errors import ConfigError
 from ctharden.noise.grid import Spacing, as_spacing, radial_frequency
 
 _CHUNK_ELEMENTS = 1 << 22  # pixels per FFT chunk: bounds memory for many realisations

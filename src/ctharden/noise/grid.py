@@ -19,7 +19,7 @@ from functools import lru_cache
 
 import torch
 
-from ctharden.errors import ConfigError
+from ctharden.core.errors import ConfigError
 
 Spacing = float | Sequence[float]
 

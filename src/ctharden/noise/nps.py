@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ctharden.errors import ConfigError, DataError
+from ctharden.core.errors import ConfigError, DataError
 from ctharden.noise.grid import Spacing, as_spacing, radial_frequency
 
 TABLE_COLUMNS = ("freq_per_mm", "nps_hu2_mm2")

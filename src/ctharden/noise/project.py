@@ -39,7 +39,7 @@ from typing import Literal
 
 import torch
 
-from ctharden.errors import ConfigError
+from ctharden.core.errors import ConfigError
 from ctharden.noise.grid import Spacing, as_mas, as_spacing, rfft_weights
 from ctharden.noise.nps import NPSModel, default_nps, grid_nps
 

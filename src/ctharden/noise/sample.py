@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ctharden.errors import ConfigError
+from ctharden.core.errors import ConfigError
 from ctharden.noise.grid import Spacing, as_image_shape, as_mas, as_spacing
 from ctharden.noise.nps import NPSModel, default_nps, grid_nps
 

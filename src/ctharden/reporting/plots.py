@@ -1,0 +1,223 @@
+"""Evaluation plots: ROC and confusion-matrix PNGs, and the CSV files ``dvc plots`` renders.
+
+Figures are drawn on a :class:`matplotlib.figure.Figure` with an explicit Agg canvas, never through
+``pyplot``: no global backend switch, no figure registry, nothing to close, safe in worker threads.
+Every file is written atomically (rendered in memory, then :func:`ctharden.core.io.atomic_write_bytes`)
+and PNGs carry no software/date metadata, so the same inputs give byte-identical files.
+
+DVC data-series files (see :func:`write_dvc_plots`) and the ``dvc.yaml`` that renders them::
+
+    plots:
+      - <out_dir>/roc.csv:
+          template: simple          # or linear
+          x: fpr
+          y: tpr
+          title: ROC
+          x_label: False positive rate
+          y_label: True positive rate
+      - <out_dir>/predictions.csv:
+          template: confusion       # or confusion_normalized
+          x: actual
+          y: predicted
+          title: Confusion matrix
+          x_label: Actual
+          y_label: Predicted
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from ctharden.core.errors import DataError
+from ctharden.core.io import atomic_write_bytes, atomic_write_text
+from ctharden.evaluation.clean import _as_labels, _checked, _roc_arrays, binary_metrics, labels_from_scores
+
+__all__ = ["plot_confusion", "plot_roc", "write_dvc_plots"]
+
+_PNG_METADATA = {"Software": None}  # no matplotlib version stamp: reproducible bytes
+_DPI = 120
+
+
+def png_bytes(fig: Figure) -> bytes:
+    """The figure as PNG bytes (Agg, no version stamp: reproducible)."""
+    buf = io.BytesIO()
+    FigureCanvasAgg(fig).print_png(buf, metadata=_PNG_METADATA)
+    return buf.getvalue()
+
+
+def _save_png(fig: Figure, path: Path) -> Path:
+    return atomic_write_bytes(path, png_bytes(fig))
+
+
+def plot_roc(
+    curves: Mapping[str, tuple[np.ndarray, np.ndarray]], path: Path, title: str = ""
+) -> Path:
+    """Draw one ROC curve per entry of ``curves`` (label -> ``(y_true, score)``) and save a PNG.
+
+    Each legend entry shows the curve's AUC; the chance diagonal is dashed. Inputs are checked
+    as in :func:`ctharden.evaluation.clean.binary_metrics`; each curve needs both classes.
+
+    Returns:
+        ``path``, written atomically.
+
+    Raises:
+        DataError: ``curves`` is empty, or a curve's data is invalid (the message names the curve).
+    """
+    if not curves:
+        raise DataError("plot_roc: no curves given")
+    fig = Figure(figsize=(5.0, 5.0), dpi=_DPI, layout="constrained")
+    ax = fig.add_subplot()
+    ax.plot([0.0, 1.0], [0.0, 1.0], linestyle="--", color="0.6", linewidth=1.0, label="chance")
+    for label, (y_true, score) in curves.items():
+        try:
+            fpr, tpr, _ = _roc_arrays(y_true, score)
+            auc = binary_metrics(y_true, score)["auc"]
+        except DataError as exc:
+            raise DataError(f"ROC curve {label!r}: {exc}") from exc
+        ax.plot(fpr, tpr, linewidth=1.8, label=f"{label} (AUC = {auc:.3f})")
+    ax.set_xlim(0.0, 1.0)
+    ax.set_ylim(0.0, 1.0)
+    ax.set_aspect("equal")
+    ax.set_xlabel("False positive rate (1 - specificity)")
+    ax.set_ylabel("True positive rate (sensitivity)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="lower right", fontsize="small")
+    if title:
+        ax.set_title(title)
+    return _save_png(fig, Path(path))
+
+
+def plot_confusion(
+    y_true: np.ndarray,
+    y_pred: np.ndarray,
+    path: Path,
+    labels: Sequence[str] = ("benign", "malignant"),
+    title: str = "",
+) -> Path:
+    """Save a 2×2 confusion matrix PNG: rows are actual classes, columns predicted classes.
+
+    Each cell shows its count and its row-normalised percentage (share of that actual class);
+    the colour is the row-normalised fraction. A class absent from ``y_true`` shows ``n/a``.
+
+    Raises:
+        DataError: labels not in {0, 1}, empty or mismatched inputs, or ``labels`` not of length 2.
+    """
+    y = _as_labels(y_true, "y_true")
+    p = _as_labels(y_pred, "y_pred")
+    if p.shape != y.shape:
+        raise DataError(f"shape mismatch: y_true has {y.shape[0]} samples but y_pred has {p.shape[0]}")
+    names = [str(n) for n in labels]
+    if len(names) != 2:
+        raise DataError(f"labels must name exactly 2 classes (negative, positive), got {names}")
+    counts = np.zeros((2, 2), dtype=np.int64)
+    np.add.at(counts, (y, p), 1)
+    totals = counts.sum(axis=1, keepdims=True)
+    frac = np.divide(counts, totals, out=np.zeros((2, 2)), where=totals > 0)
+
+    fig = Figure(figsize=(4.6, 4.2), dpi=_DPI, layout="constrained")
+    ax = fig.add_subplot()
+    im = ax.imshow(frac, cmap="Blues", vmin=0.0, vmax=1.0)
+    for i in range(2):
+        for j in range(2):
+            pct = f"{100.0 * frac[i, j]:.1f}%" if totals[i, 0] > 0 else "n/a"
+            ax.text(
+                j, i, f"{counts[i, j]}\n({pct})", ha="center", va="center",
+                color="white" if frac[i, j] > 0.5 else "black", fontsize=11,
+            )
+    ax.set_xticks([0, 1], labels=names)
+    ax.set_yticks([0, 1], labels=names)
+    ax.set_xlabel("Predicted")
+    ax.set_ylabel("Actual")
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="share of actual class")
+    if title:
+        ax.set_title(title)
+    return _save_png(fig, Path(path))
+
+
+def _cell(value: Any) -> str:
+    """A CSV cell: floats at full round-trip precision, numpy scalars unwrapped."""
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise DataError(f"non-finite value {value!r} cannot be written to a plots CSV")
+        return repr(value)
+    return str(value)
+
+
+def _csv_text(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows([[_cell(v) for v in row] for row in rows])
+    return buf.getvalue()
+
+
+def write_dvc_plots(
+    out_dir: Path,
+    y_true: np.ndarray,
+    score: np.ndarray,
+    threshold: float = 0.5,
+    sample_ids: Sequence[str] | None = None,
+    extra: Mapping[str, Sequence[Any]] | None = None,
+) -> dict[str, Path]:
+    """Write the data-series files ``dvc plots show`` renders, atomically, into ``out_dir``.
+
+    - ``roc.csv``: columns ``fpr,tpr,threshold`` (one row per ROC point, from
+      :func:`ctharden.evaluation.clean.roc_points`); render with template ``simple`` (or ``linear``),
+      ``x: fpr``, ``y: tpr``.
+    - ``predictions.csv``: columns ``sample_id,actual,predicted,score`` then the ``extra`` columns
+      in the given order (e.g. ``fold``), one row per sample; ``actual``/``predicted`` are 0/1 and
+      ``predicted = score > threshold`` (strict). Render with template ``confusion`` (or
+      ``confusion_normalized``), ``x: actual``, ``y: predicted``.
+
+    ``sample_ids`` default to the sample positions ``"0" .. "N-1"``.
+
+    Returns:
+        ``{"roc": out_dir / "roc.csv", "predictions": out_dir / "predictions.csv"}``.
+
+    Raises:
+        DataError: invalid labels/scores (as :func:`binary_metrics`), only one class present
+            (no ROC), or ``sample_ids``/``extra`` of the wrong length or with a clashing name.
+    """
+    out_dir = Path(out_dir)
+    y, s = _checked(y_true, score)
+    n = y.shape[0]
+    pred = labels_from_scores(s, threshold)
+    fpr, tpr, thr = _roc_arrays(y, s)
+
+    ids = [str(i) for i in range(n)] if sample_ids is None else [str(v) for v in sample_ids]
+    if len(ids) != n:
+        raise DataError(f"sample_ids has {len(ids)} entries but there are {n} samples")
+    columns: dict[str, list[Any]] = {
+        "sample_id": ids,
+        "actual": y.tolist(),
+        "predicted": pred.tolist(),
+        "score": s.tolist(),
+    }
+    for name, values in (extra or {}).items():
+        name = str(name)
+        if name in columns:
+            raise DataError(f"extra column {name!r} clashes with a predictions.csv column")
+        vals = list(np.asarray(values).tolist()) if isinstance(values, np.ndarray) else list(values)
+        if len(vals) != n:
+            raise DataError(f"extra column {name!r} has {len(vals)} entries but there are {n} samples")
+        columns[name] = vals
+
+    roc_path = atomic_write_text(
+        out_dir / "roc.csv",
+        _csv_text(["fpr", "tpr", "threshold"], list(zip(fpr.tolist(), tpr.tolist(), thr.tolist()))),
+    )
+    pred_path = atomic_write_text(
+        out_dir / "predictions.csv", _csv_text(list(columns), list(zip(*columns.values())))
+    )
+    return {"roc": roc_path, "predictions": pred_path}

@@ -1,0 +1,383 @@
+"""Robustness report: figures (PNG), DVC plot data (CSV) and a self-contained HTML page.
+
+Figures are drawn without pyplot (see :mod:`ctharden.reporting.plots`); the HTML embeds them as
+base64 so the single file reads the same from disk, from MLflow's artifact view or from a CI
+artifact. Inputs are the JSON results of :func:`ctharden.evaluation.robustness.evaluate_robustness`
+(one per model, keyed by a display name) — nothing is recomputed here.
+
+DVC plot files per model (``plots/robustness/<name>/``):
+
+- ``san_vs_mas.csv``: ``mas`` and one column per ``<attack>_<split>`` (SAN/N in %);
+- ``sar_above_<attack>_<split>.csv``: ``sar_level`` (%) and one column per mAs level
+  (``mas10``, ...): % of samples whose SAR exceeds the level (paper Figs 7-8);
+- ``robust_accuracy_<norm>.csv``: ``eps``, ``eps_hu`` and ``accuracy`` (100-PGD).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from ctharden.core.io import atomic_write_text
+from ctharden.reporting.plots import _csv_text, _save_png
+
+ATTACKS = (("random_nps", "random"), ("optimized_nps", "optimized"))
+_STYLE = {"train": "--", "test": "-"}
+
+
+def _levels(block: Mapping[str, Any]) -> list[dict[str, Any]]:
+    return sorted(block["levels"].values(), key=lambda lv: lv["mas"])
+
+
+# ---------------------------------------------------------------------------------------------------
+# DVC plots
+
+
+def write_plot_data(result: Mapping[str, Any], out_dir: Path) -> list[Path]:
+    """Write the CSV series of one model's result (see the module docstring); returns the paths."""
+    paths: list[Path] = []
+    cols: list[str] = []
+    series: dict[str, dict[float, float]] = {}
+    for key, short in ATTACKS:
+        for split, block in result[key].items():
+            name = f"{short}_{split}"
+            cols.append(name)
+            series[name] = {lv["mas"]: lv["san_rate"] for lv in _levels(block)}
+            lv0 = _levels(block)
+            rows = []
+            levels = lv0[0]["sar_above"]["levels"]
+            for i, level in enumerate(levels):
+                rows.append([round(100 * level, 6),
+                             *[lv["sar_above"]["percent_of_samples_with_sar_above_level"][i] for lv in lv0]])
+            header = ["sar_level", *[f"mas{lv['mas']:g}" for lv in lv0]]
+            paths.append(atomic_write_text(out_dir / f"sar_above_{short}_{split}.csv", _csv_text(header, rows)))
+    mas = sorted({m for s in series.values() for m in s})
+    rows = [[m, *[series[c].get(m, "") for c in cols]] for m in mas]
+    paths.append(atomic_write_text(out_dir / "san_vs_mas.csv", _csv_text(["mas", *cols], rows)))
+    for norm, curve in result["pgd"].items():
+        hu = curve.get("eps_hu") or [""] * len(curve["eps"])
+        rows = [[e, h, a] for e, h, a in zip(curve["eps"], hu, curve["accuracy"], strict=True)]
+        paths.append(atomic_write_text(out_dir / f"robust_accuracy_{norm}.csv", _csv_text(["eps", "eps_hu", "accuracy"], rows)))
+    return paths
+
+
+# ---------------------------------------------------------------------------------------------------
+# figures
+
+
+def plot_san_vs_mas(results: Mapping[str, Mapping[str, Any]], path: Path) -> Path:
+    """SAN/N (%) against mAs (log axis), random and optimised, train and test; error bars = std
+    over fold models when there are several."""
+    fig = Figure(figsize=(6.4 * len(results), 4.2), dpi=110, layout="constrained")
+    axes = fig.subplots(1, len(results), squeeze=False)[0]
+    for ax, (name, res) in zip(axes, results.items(), strict=True):
+        for key, short in ATTACKS:
+            for split, block in res[key].items():
+                lv = _levels(block)
+                m = [v["mas"] for v in lv]
+                if block.get("n_models", 1) > 1:
+                    ax.errorbar(m, [v["san_rate_mean"] for v in lv], yerr=[v["san_rate_std"] for v in lv],
+                                ls=_STYLE.get(split, "-"), marker="o" if short == "random" else "s", capsize=3,
+                                label=f"{short} {split} (mean ± std, {block['n_models']} models)")
+                else:
+                    ax.plot(m, [v["san_rate"] for v in lv], ls=_STYLE.get(split, "-"),
+                            marker="o" if short == "random" else "s", label=f"{short} {split} (N={block['n']})")
+        ax.set_xscale("log")
+        ax.set_xlabel("tube current-time product (mAs)")
+        ax.set_ylabel("SAN / N (%)")
+        ax.set_ylim(-2, 102)
+        ax.set_title(f"{name}: samples flipped by NPS noise")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    return _save_png(fig, path)
+
+
+def plot_sar_curves(result: Mapping[str, Any], path: Path, title: str = "") -> Path:
+    """% of samples with SAR above a level, one line per mAs; a panel per attack and split."""
+    panels = [(short, split, block) for key, short in ATTACKS for split, block in result[key].items()]
+    fig = Figure(figsize=(3.4 * len(panels), 3.2), dpi=110, layout="constrained")
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, (short, split, block) in zip(axes, panels, strict=True):
+        for lv in _levels(block):
+            c = lv["sar_above"]
+            ax.plot(100 * np.asarray(c["levels"]), c["percent_of_samples_with_sar_above_level"],
+                    label=f"{lv['mas']:g} mAs")
+        ax.set_title(f"{short}, {split} (K={block['k']})", fontsize=9)
+        ax.set_xlabel("SAR level (%)")
+        ax.set_ylabel("% samples with SAR above")
+        ax.set_ylim(-2, 102)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return _save_png(fig, path)
+
+
+def plot_robust_accuracy(results: Mapping[str, Mapping[str, Any]], path: Path) -> Path:
+    """Robust accuracy under 100-PGD against ε, one panel per norm, one line per model."""
+    norms = sorted({n for r in results.values() for n in r["pgd"]}, key=lambda n: n != "linf")
+    fig = Figure(figsize=(5.2 * max(len(norms), 1), 3.8), dpi=110, layout="constrained")
+    axes = fig.subplots(1, max(len(norms), 1), squeeze=False)[0]
+    for ax, norm in zip(axes, norms, strict=False):
+        for name, res in results.items():
+            c = res["pgd"].get(norm)
+            if c is None:
+                continue
+            ax.plot(c["eps"], c["accuracy"], marker="o", label=f"{name} (area {c['auc']:.3f}, N={c['n']})")
+        ax.set_xlabel(f"ε ({'L∞' if norm == 'linf' else 'L2'}, model-input units)")
+        ax.set_ylabel("robust accuracy")
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_title(f"100-PGD ({norm}), CE and margin loss")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    return _save_png(fig, path)
+
+
+def plot_examples(visuals: Mapping[str, Any], path: Path, *, spatial_dims: int, title: str = "") -> Path | None:
+    """Rows = example test samples; columns: clean, random NPS noisy image and its noise (HU),
+    optimised NPS image and its perturbation (HU), PGD example and its difference. 3D: central
+    axial slice."""
+    ex = visuals.get("examples") or []
+    if not ex:
+        return None
+
+    def central(a: Any) -> np.ndarray:
+        a = np.asarray(a.detach().float().cpu() if hasattr(a, "detach") else a)
+        while a.ndim > 2 and a.shape[0] == 1:
+            a = a[0]
+        return a[a.shape[0] // 2] if a.ndim == 3 else a
+
+    cols = ["clean", "random", "random_noise_hu", "optimized", "optimized_noise_hu", "pgd", "pgd_diff"]
+    fig = Figure(figsize=(2.0 * len(cols), 2.2 * len(ex) + 0.5), dpi=110, layout="constrained")
+    axes = fig.subplots(len(ex), len(cols), squeeze=False)
+    for r, e in enumerate(ex):
+        clean = central(e["clean"])
+        lo, hi = float(clean.min()), float(clean.max())
+        for c, col in enumerate(cols):
+            ax = axes[r, c]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if col == "pgd_diff":
+                img = central(e["pgd"]) - clean
+                lim = max(float(np.abs(img).max()), 1e-12)
+                ax.imshow(img, cmap="RdBu_r", vmin=-lim, vmax=lim)
+                ax.set_title(f"PGD δ (±{lim:.2g})", fontsize=7)
+            elif col.endswith("_noise_hu"):
+                img = central(e[col])
+                lim = max(float(np.abs(img).max()), 1e-12)
+                ax.imshow(img, cmap="RdBu_r", vmin=-lim, vmax=lim)
+                ax.set_title(f"{col.split('_')[0]} noise (±{lim:.0f} HU)", fontsize=7)
+            else:
+                ax.imshow(central(e[col]), cmap="gray", vmin=lo, vmax=hi)
+                s = e["scores"][col]
+                extra = {"random": f" {e['mas']:g} mAs", "optimized": f" {e['mas']:g} mAs",
+                         "pgd": f" ε={e['pgd_eps']:g}"}.get(col, f" y={e['label']}")
+                ax.set_title(f"{col}{extra}\np={s:.3f}", fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    return _save_png(fig, path)
+
+
+# ---------------------------------------------------------------------------------------------------
+# HTML
+
+
+def _img(path: Path | None) -> str:
+    if path is None or not Path(path).is_file():
+        return ""
+    data = base64.b64encode(Path(path).read_bytes()).decode("ascii")
+    return f'<img alt="{html.escape(Path(path).name)}" src="data:image/png;base64,{data}">'
+
+
+def _pct(lv: Mapping[str, Any], n_models: int) -> str:
+    if n_models > 1:
+        return f"{lv['san_rate_mean']:.1f} ± {lv['san_rate_std']:.1f}"
+    return f"{lv['san_rate']:.1f}"
+
+
+def table2_rows(result: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """Table 2 of shen 2020: SAN/N (%) per attack, split and mAs."""
+    mas = [lv["mas"] for lv in _levels(next(iter(result["random_nps"].values())))]
+    header = ["attack", "split", "N", "K", *[f"{m:g} mAs" for m in mas]]
+    rows = []
+    for key, short in ATTACKS:
+        for split, block in result[key].items():
+            lv = _levels(block)
+            rows.append([short, split, str(block["n"]), str(block["k"]), *[_pct(v, block["n_models"]) for v in lv]])
+    return header, rows
+
+
+def pgd_rows(result: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """Robust accuracy at each ε (model-input units and HU), per norm."""
+    header = ["norm", "ε", "ε (HU)", "robust accuracy", "N"]
+    rows = []
+    for norm, c in result["pgd"].items():
+        hu = c.get("eps_hu") or [None] * len(c["eps"])
+        for e, h, a in zip(c["eps"], hu, c["accuracy"], strict=True):
+            rows.append([norm, f"{e:g}", "" if h is None else f"{h:.3g}", f"{a:.3f}", str(c["n"])])
+        rows.append([norm, "area", "", f"{c['auc']:.3f}", ""])
+    return header, rows
+
+
+def sanity_rows(result: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
+    header = ["norm", "check", "verdict", "value", "detail"]
+    rows = []
+    for norm, s in result["sanity"].items():
+        for c in s["checks"]:
+            rows.append([norm, c["name"], "pass" if c["passed"] else "FAIL", f"{c['value']:.3g}",
+                         c["detail"].get("message", "")])
+    return header, rows
+
+
+def comparison_tables(baseline: Mapping[str, Any], hardened: Mapping[str, Any], label: str
+                      ) -> list[tuple[str, list[str], list[list[str]]]]:
+    """Baseline vs hardened side by side: per split, AUC and SAN/N (%) per mAs for the random and
+    optimised NPS attacks (shen 2020, Tables 4-5; selected models), then 100-PGD accuracy per ε."""
+    out = []
+    rows_of = (("baseline", baseline), (label, hardened))
+    for split in hardened["random_nps"]:
+        if split not in baseline["random_nps"]:
+            continue
+        mas = [lv["mas"] for lv in _levels(hardened["random_nps"][split])]
+        header = ["model", "AUC", *[f"random {m:g}" for m in mas], *[f"optimised {m:g}" for m in mas]]
+        rows = []
+        for name, res in rows_of:
+            auc = res["clean"].get(split, {}).get("auc")
+            cells = [f"{lv['san_rate']:.1f}" for key in ("random_nps", "optimized_nps") for lv in _levels(res[key][split])]
+            rows.append([name, "n/a" if auc is None else f"{auc:.3f}", *cells])
+        out.append((f"{split}: AUC and SAN/N (%) per mAs (Tables 4-5 style)", header, rows))
+    for norm, c in hardened["pgd"].items():
+        b = baseline["pgd"].get(norm)
+        if b is None or b["eps"] != c["eps"]:
+            continue
+        header = ["model", *[f"ε {e:g}" for e in c["eps"]], "area"]
+        rows = [[name, *[f"{a:.3f}" for a in res["pgd"][norm]["accuracy"]], f"{res['pgd'][norm]['auc']:.3f}"]
+                for name, res in rows_of]
+        out.append((f"100-PGD robust accuracy, {norm} (N = {c['n']})", header, rows))
+    return out
+
+
+def _html_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join(
+        "<tr>" + "".join(
+            f'<td class="{"fail" if v == "FAIL" else ""}">{html.escape(str(v))}</td>' for v in r
+        ) + "</tr>" for r in rows
+    )
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A GitHub/Prefect markdown table."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(v) for v in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+_CSS = """
+body{font-family:system-ui,sans-serif;margin:2em;max-width:1400px;color:#222}
+table{border-collapse:collapse;margin:0.5em 0 1.5em}th,td{border:1px solid #ccc;padding:3px 8px;font-size:13px}
+th{background:#f0f0f0}td.fail{background:#fdd;font-weight:bold}img{max-width:100%;margin:0.5em 0}
+.pass{color:#070;font-weight:bold}.failv{color:#b00;font-weight:bold}code{background:#f5f5f5;padding:1px 3px}
+"""
+
+
+def render_html(
+    results: Mapping[str, Mapping[str, Any]],
+    figures: Mapping[str, Mapping[str, Path | None]],
+    *,
+    title: str = "ctharden robustness report",
+    notes: Sequence[str] = (),
+    comparisons: Mapping[str, Sequence[tuple[str, list[str], list[list[str]]]]] | None = None,
+) -> str:
+    """The report page: per model the clean metrics, Table 2 (SAN/N %), the PGD table, the sanity
+    verdicts and the figures; ``figures[name]`` maps a figure key to its PNG; ``figures['']`` holds
+    figures shared by all models. ``comparisons[name]``: titled tables shown first for that model
+    (baseline vs hardened)."""
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+             f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>"]
+    for note in notes:
+        parts.append(f"<p>{html.escape(note)}</p>")
+    shared = figures.get("", {})
+    if shared:
+        parts.append("<h2>All models</h2>" + "".join(_img(p) for p in shared.values()))
+    for name, res in results.items():
+        verdict = "pass" if res["sanity_passed"] else "FAIL"
+        cls = "pass" if res["sanity_passed"] else "failv"
+        meta = res.get("model", {})
+        parts.append(f"<h2>{html.escape(name)}</h2>")
+        parts.append(f"<p>model <code>{html.escape(str(meta.get('file', '')))}</code> "
+                     f"({html.escape(str(meta.get('arch', '')))}), dataset "
+                     f"<code>{html.escape(str(res.get('dataset', '')))}</code> "
+                     f"(hash {html.escape(str(res.get('dataset_hash', ''))[:12])}); "
+                     f"sanity checks: <span class='{cls}'>{verdict}</span>; "
+                     f"{res['seconds']['total']:.0f} s.</p>")
+        for caption, header, rows in (comparisons or {}).get(name, []):
+            parts.append(f"<h3>{html.escape(caption)}</h3>" + _html_table(header, rows))
+        clean_rows = [[split, *(f"{m[k]:.3f}" if m.get(k) is not None else "n/a"
+                                for k in ("auc", "accuracy", "sensitivity", "specificity")), str(m.get("n", ""))]
+                      for split, m in res["clean"].items()]
+        parts.append("<h3>Clean metrics</h3>" + _html_table(
+            ["split", "AUC", "accuracy", "sensitivity", "specificity", "N"], clean_rows))
+        parts.append("<h3>NPS attacks: SAN/N (%) (shen 2020, Table 2)</h3>" + _html_table(*table2_rows(res)))
+        parts.append(
+            "<p>A sample counts as attacked when any of the K perturbations changes its fp32 predicted "
+            "label. Random: K NPS noise realisations per mAs. Optimised: Algorithm 1, projected "
+            "gradient ascent on ‖D(x+p)−D(x)‖² with the NPS projection after each step "
+            f"(mean {res['optimized_nps'][next(iter(res['optimized_nps']))].get('mean_steps', 0):.1f} steps per chain).</p>")
+        parts.append("<h3>100-PGD robust accuracy</h3>" + _html_table(*pgd_rows(res)))
+        parts.append("<h3>Sanity checks of the white-box evaluation</h3>" + _html_table(*sanity_rows(res)))
+        for key, p in figures.get(name, {}).items():
+            if p is not None:
+                parts.append(f"<h3>{html.escape(key)}</h3>{_img(p)}")
+        parts.append("<details><summary>settings</summary><pre>"
+                     + html.escape(_pretty(res.get("settings", {}))) + "</pre></details>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def _pretty(obj: Any) -> str:
+    import json
+
+    return json.dumps(obj, indent=2, default=str)
+
+
+def summary_markdown(results: Mapping[str, Mapping[str, Any]], report_path: str | Path,
+                     comparisons: Mapping[str, Sequence[tuple[str, list[str], list[list[str]]]]] | None = None,
+                     title: str = "Robustness evaluation") -> str:
+    """Markdown summary (Prefect artifact, CI summary): Table 2 and PGD per model, sanity verdicts,
+    and the baseline-vs-hardened tables when given."""
+    out = [f"# {title}", "", f"Full report: `{report_path}`", ""]
+    for name, res in results.items():
+        test = res["clean"].get("test", {})
+        auc = test.get("auc")
+        failed = ", ".join(f"{n}: {', '.join(s['flags'])}" for n, s in res["sanity"].items() if not s["passed"])
+        verdict = "pass" if res["sanity_passed"] else f"FAIL ({failed})"
+        auc_txt = f"{auc:.3f}" if auc is not None else "n/a"
+        out += [f"## {name}", "", f"clean test AUC {auc_txt}; sanity checks {verdict}", ""]
+        for caption, header, rows in (comparisons or {}).get(name, []):
+            out += [f"**{caption}**", "", markdown_table(header, rows), ""]
+        out += [markdown_table(*table2_rows(res)), "", markdown_table(*pgd_rows(res)), ""]
+    return "\n".join(out)
+
+
+__all__ = [
+    "comparison_tables",
+    "markdown_table",
+    "pgd_rows",
+    "plot_examples",
+    "plot_robust_accuracy",
+    "plot_san_vs_mas",
+    "plot_sar_curves",
+    "render_html",
+    "sanity_rows",
+    "summary_markdown",
+    "table2_rows",
+    "write_plot_data",
+]

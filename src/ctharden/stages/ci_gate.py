@@ -1,0 +1,55 @@
+"""The pull-request check (``ctharden ci-gate --base REF``), what CI runs after ``dvc repro``:
+the gate stage on the working tree plus a regression check of every gated metric against the
+same model's metric committed at ``REF`` (see :mod:`ctharden.gate.pr_check`)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from ctharden.config.paths import evaluation_paths, gate_path
+from ctharden.gate.criteria import gate_markdown
+from ctharden.gate.pr_check import committed_json, dvc_metrics_diff, regressions
+from ctharden.stages.gate import gate_variants
+
+
+def ci_gate(params: Mapping[str, Any], base: str, *, variant: str = "auto", repo: str | Path = ".") -> dict[str, Any]:
+    """Run the gate and the regression check against ``base``; returns ``{"passed", "gated",
+    "regressions": {variant: {job: rows}}, "failures": [...], "markdown"}``."""
+
+    repo = Path(repo)
+    gated = gate_variants(params, variant)
+    failures = [f"{job} ({v}) fails the gate" for v, entries in gated.items() for job, r in entries.items()
+                if not r["passed"]]
+    compared: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    notes = []
+    for v, entries in gated.items():
+        path = evaluation_paths(params, v)["metrics"]
+        base_metrics = committed_json(repo, base, path)
+        head_metrics = json.loads(Path(path).read_text())
+        compared[v] = {}
+        for job in entries:
+            if not base_metrics or job not in base_metrics:
+                notes.append(f"{job} ({v}): no committed evaluation at {base}; regression check skipped")
+                continue
+            rows = regressions(params, job, base_metrics[job]["headline"], head_metrics[job]["headline"])
+            compared[v][job] = rows
+            failures += [f"{job} ({v}): {r['criterion']} regressed {r['base']:.4g} -> {r['head']:.4g} "
+                         f"(tolerance {r['tolerance']:g})" for r in rows if r["regressed"]]
+    md = ["## ctharden robustness gate", "", gate_markdown(gated), "", f"### Gated metrics vs `{base}`", "",
+          "| job | model | criterion | base | head | worse by | tolerance | verdict |",
+          "|---|---|---|---|---|---|---|---|"]
+    for v, jobs in compared.items():
+        for job, rows in jobs.items():
+            for r in rows:
+                fmt = lambda x: "n/a" if x is None else f"{x:.4g}"  # noqa: E731
+                md.append(f"| {job} | {v} | `{r['criterion']}` | {fmt(r['base'])} | {fmt(r['head'])} | "
+                          f"{fmt(r['worse_by'])} | {r['tolerance']:g} | {'**REGRESSED**' if r['regressed'] else 'ok'} |")
+    md += [f"- {n}" for n in notes]
+    md += ["", f"### `dvc metrics diff {base}`", "", dvc_metrics_diff(repo, base), "",
+           f"**{'PASSED' if not failures else 'FAILED'}**" + ("" if not failures else ": " + "; ".join(failures)),
+           f"\n(gate record: `{gate_path(params)}`)"]
+    return {"passed": not failures, "gated": gated, "regressions": compared, "failures": failures,
+            "markdown": "\n".join(md) + "\n"}

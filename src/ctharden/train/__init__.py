@@ -1,1 +1,0 @@
-"""Training: baseline supervised training with k-fold CV (this issue), later adaptive/IMA/adversarial."""
