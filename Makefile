@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: install data run flow serve test bench clean
+.PHONY: install data run flow serve lint test test-fast bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
@@ -29,7 +29,13 @@ flow: data
 serve: data
 	python flows/serve.py
 
-test: data
+# Static checks: ruff, the import contracts of pyproject.toml (layers point one way, no cycles), mypy.
+lint: install
+	ruff check src tests flows benchmarks
+	lint-imports
+	mypy
+
+test: data lint
 	python -m pytest
 
 clean:
