@@ -21,7 +21,7 @@ import ctharden.hardening.adaptive as adaptive_mod
 from ctharden.attacks.nps import InputMap
 from ctharden.config.robustness import parse_settings
 from ctharden.core.errors import ConfigError, DataError
-from ctharden.evaluation.robustness import EvalData
+from ctharden.data.arrays import ArraySet
 from ctharden.hardening.adaptive import (
     PAPER_TABLE4_TRAIN,
     AdaptiveResult,
@@ -57,7 +57,7 @@ def _label(model: nn.Module, x: Tensor) -> Tensor:
     return (z > 0).long()
 
 
-def make_data(seed: int = 0) -> EvalData:
+def make_data(seed: int = 0) -> ArraySet:
     """``N`` cubes in HU: noisy lung with a centred nodule, bigger for label 1; first 16 train."""
     g = torch.Generator().manual_seed(seed)
     y = torch.tensor([i % 2 for i in range(N)])
@@ -70,10 +70,10 @@ def make_data(seed: int = 0) -> EvalData:
         hu[i][r < rad] = 0.0
     split = np.array(["train"] * N_TRAIN + ["test"] * (N - N_TRAIN))
     x = ((hu + 1000.0) / 1400.0).clamp(0.0, 1.0)
-    return EvalData(hu, x, y, [f"s{i}" for i in range(N)], split, {})
+    return ArraySet.from_tensors(hu, x, y, split)
 
 
-def make_model(data: EvalData, *, centred: bool = True) -> nn.Module:
+def make_model(data: ArraySet, *, centred: bool = True) -> nn.Module:
     torch.manual_seed(0)
     model = build_model("nodule3d", spatial_dims=3, width=4)
     if centred:
@@ -127,7 +127,7 @@ def run() -> dict[str, Any]:
 
 def test_adds_exactly_the_successful_attacks_of_the_first_step(run: dict[str, Any]) -> None:
     result: AdaptiveResult = run["result"]
-    data: EvalData = run["data"]
+    data: ArraySet = run["data"]
     before: nn.Module = run["before"]
     first = result.steps[1]
     assert first.n_added > 0, "the fixture must produce some flips"
@@ -163,13 +163,13 @@ def test_adds_exactly_the_successful_attacks_of_the_first_step(run: dict[str, An
 
 def test_test_samples_never_enter_the_training_set(run: dict[str, Any]) -> None:
     result: AdaptiveResult = run["result"]
-    data: EvalData = run["data"]
+    data: ArraySet = run["data"]
     train_idx = data.indices("train")
     np.testing.assert_array_equal(result.train_indices, train_idx)
     assert set(result.added.source.tolist()) <= set(train_idx.tolist())
     # the attacks only ever saw the training cubes
     for x_hu, _, _ in run["spies"].attacks:
-        torch.testing.assert_close(x_hu, data.x_attack[torch.from_numpy(train_idx)])
+        torch.testing.assert_close(x_hu, data.raw[torch.from_numpy(train_idx)])
     # what each fine-tuning trained on: the training split, then the added elements, nothing else
     test_x = data.x[torch.from_numpy(data.indices("test"))].flatten(1)
     n_added = 0
@@ -317,8 +317,8 @@ def test_bad_model_and_data() -> None:
         adaptive_train(rating, data, SETTINGS, loss="ce", evaluate=_no_eval)
     with pytest.raises(ConfigError, match="target"):
         adaptive_train(rating, data, SETTINGS, loss="mse", evaluate=_no_eval)
-    with pytest.raises(ConfigError, match="EvalData"):
+    with pytest.raises(ConfigError, match="ArraySet"):
         adaptive_train(make_model(data), (data.x, data.y), SETTINGS, evaluate=_no_eval)  # type: ignore[arg-type]
-    only_test = EvalData(data.x_attack, data.x, data.y, data.sample_ids, np.array(["test"] * N), {})
+    only_test = ArraySet.from_tensors(data.raw, data.x, data.y, ["test"] * N)
     with pytest.raises(DataError, match="train"):
         adaptive_train(make_model(data), only_test, SETTINGS, evaluate=_no_eval)

@@ -18,8 +18,8 @@ from torch import nn
 
 from ctharden.config.robustness import parse_settings
 from ctharden.core.errors import ConfigError
+from ctharden.data.arrays import load_arrayset
 from ctharden.data.synthetic import generate_synthetic
-from ctharden.evaluation.robustness import load_eval_data
 from ctharden.evaluation.units import (
     assemble,
     evaluate_robustness,
@@ -68,7 +68,7 @@ def test_units_in_any_order_assemble_to_the_serial_result(tmp_path: Path) -> Non
     for seed in (0, 1):  # the selected model and one more "fold" model
         torch.manual_seed(seed)
         models.append(build_model("nodule3d", spatial_dims=3, window_hu=(-1000.0, 400.0), width=4).eval())
-    data = load_eval_data(tmp_path / "synth", models[0])
+    data = load_arrayset(tmp_path / "synth", models[0])
     settings = parse_settings(SETTINGS)
     serial, visuals = evaluate_robustness(models[0], data, settings, seed=7, fold_models=models[1:])
 

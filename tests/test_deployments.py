@@ -139,12 +139,12 @@ def prepare_champion(tmp: Path) -> dict[str, Any]:
     register nodule3d (the champion the nightly run re-evaluates)."""
     from ctharden.config.params import load_params
     from ctharden.config.paths import dataset_names
+    from ctharden.stages import evaluate as evaluate_stage
     from ctharden.stages import gate as gate_stage
     from ctharden.stages import ingest as ingest_stage
-    from ctharden.stages import validate as validate_stage
-    from ctharden.stages import evaluate as evaluate_stage
-    from ctharden.stages import train as train_stage
     from ctharden.stages import register as register_stage
+    from ctharden.stages import train as train_stage
+    from ctharden.stages import validate as validate_stage
 
     params = load_params(REPO / "params.yaml", "smoke", stage_overrides(tmp))
     for name in dataset_names(params):

@@ -51,13 +51,12 @@ def write_model(tmp: Path, name: str, seed: int, *, log: bool = False, params: d
         return path, None
     import mlflow
 
-    from ctharden.stages.train import _log_pytorch_model
-    from ctharden.tracking.runs import MODEL_FILE_ARTIFACT, configure, tracking_from_params
+    from ctharden.tracking.runs import MODEL_FILE_ARTIFACT, configure, log_pytorch_model, tracking_from_params
 
     configure(tracking_from_params(params))
     with mlflow.start_run(run_name=name) as run:
         mlflow.log_artifact(str(path), MODEL_FILE_ARTIFACT)
-        _log_pytorch_model(model, torch.rand(2, *SHAPE))
+        log_pytorch_model(model, torch.rand(2, *SHAPE))
     return path, run.info.run_id
 
 

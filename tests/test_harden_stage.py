@@ -22,10 +22,10 @@ def _params(tmp: Path, *extra: str) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A smoke-profile nodule3d baseline, trained and evaluated, in a temp tree."""
-    from ctharden.stages import ingest as ingest_stage
-    from ctharden.stages import validate as validate_stage
     from ctharden.stages import evaluate as evaluate_stage
+    from ctharden.stages import ingest as ingest_stage
     from ctharden.stages import train as train_stage
+    from ctharden.stages import validate as validate_stage
 
     tmp = tmp_path_factory.mktemp("harden")
     params = _params(tmp)

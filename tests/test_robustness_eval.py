@@ -19,10 +19,10 @@ from torch import Tensor, nn
 from ctharden.config.params import load_params
 from ctharden.config.robustness import job_settings, parse_settings
 from ctharden.core.errors import ConfigError
-from ctharden.data.arrays import ArraySet
+from ctharden.data.arrays import ArraySet, load_arrayset
 from ctharden.data.synthetic import generate_synthetic
 from ctharden.evaluation.headline import headline_metrics
-from ctharden.evaluation.robustness import EvalData, load_eval_data, stratified_subset
+from ctharden.evaluation.robustness import stratified_subset
 from ctharden.evaluation.units import evaluate_robustness
 from ctharden.models import build_model
 from ctharden.stages.evaluate import write_job_figures, write_report
@@ -51,9 +51,8 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def model(dataset: Path) -> nn.Module:
     torch.manual_seed(0)
     m = build_model("nodule3d", spatial_dims=3, window_hu=(-1000.0, 400.0), width=4)
-    data = load_eval_data(dataset, m)
-    tr = data.indices("train")
-    train = ArraySet(data.x[tr], data.y[tr], data.y[tr].float(), [data.sample_ids[i] for i in tr], None)  # type: ignore[arg-type]
+    data = load_arrayset(dataset, m)
+    train = data.subset(data.split == "train")
     cfg = TrainConfig(seed=0, epochs=4, batch_size=8, lr=3e-3, shift_vox=0, rotate_deg=0, select_on="last")
     from ctharden.core.device import select_runtime
 
@@ -64,13 +63,13 @@ def model(dataset: Path) -> nn.Module:
 
 
 @pytest.fixture(scope="module")
-def evaluated(model: nn.Module, dataset: Path) -> tuple[dict, dict, EvalData]:
-    data = load_eval_data(dataset, model)
+def evaluated(model: nn.Module, dataset: Path) -> tuple[dict, dict, ArraySet]:
+    data = load_arrayset(dataset, model)
     result, visuals = evaluate_robustness(model, data, parse_settings(SETTINGS), seed=7)
     return result, visuals, data
 
 
-def test_result_has_every_part_and_is_json(evaluated: tuple[dict, dict, EvalData]) -> None:
+def test_result_has_every_part_and_is_json(evaluated: tuple[dict, dict, ArraySet]) -> None:
     result, visuals, data = evaluated
     result = json.loads(json.dumps(result))
     n = {s: len(data.indices(s)) for s in ("train", "test")}
@@ -118,7 +117,7 @@ class _Collector(HTMLParser):
         self.text.append(data)
 
 
-def test_report_files_exist_and_parse(evaluated: tuple[dict, dict, EvalData], model: nn.Module, tmp_path: Path) -> None:
+def test_report_files_exist_and_parse(evaluated: tuple[dict, dict, ArraySet], model: nn.Module, tmp_path: Path) -> None:
     result, visuals, _ = evaluated
     result = {**result, "job": "tiny", "model": {"file": "tiny.pt", "arch": "nodule3d", "config": model.config()}}
     figs = write_job_figures(result, visuals, model, tmp_path / "plots", tmp_path / "report" / "tiny")
@@ -163,7 +162,7 @@ class Rounding(nn.Module):
 
 def test_evaluation_flags_a_gradient_masking_model(model: nn.Module, dataset: Path) -> None:
     masked = Rounding(model)
-    data = load_eval_data(dataset, masked)
+    data = load_arrayset(dataset, masked)
     cfg = {**SETTINGS, "pgd": {**SETTINGS["pgd"], "linf": [0.01, 0.05], "l2": []}, "examples": 0}
     result, _ = evaluate_robustness(masked, data, parse_settings(cfg), seed=1)
     assert result["sanity_passed"] is False

@@ -49,7 +49,7 @@ _DISPLAY_NAMES = {
 
 
 # --------------------------------------------------------------------------------------------- input
-def _as_labels(y_true: Any, name: str = "y_true") -> np.ndarray:
+def as_labels(y_true: Any, name: str = "y_true") -> np.ndarray:
     """``y_true`` as a 1-D int64 array in {0, 1}; :class:`DataError` otherwise."""
     y = np.asarray(y_true)
     if y.ndim != 1:
@@ -96,8 +96,8 @@ def _as_scores(score: Any, n: int) -> np.ndarray:
     return s
 
 
-def _checked(y_true: Any, score: Any) -> tuple[np.ndarray, np.ndarray]:
-    y = _as_labels(y_true)
+def checked_scores(y_true: Any, score: Any) -> tuple[np.ndarray, np.ndarray]:
+    y = as_labels(y_true)
     return y, _as_scores(score, y.shape[0])
 
 
@@ -145,7 +145,7 @@ def binary_metrics(y_true: np.ndarray, score: np.ndarray, threshold: float = 0.5
         DataError: empty input, arrays not 1-D, length mismatch, labels outside {0, 1},
             NaN/Inf scores, scores outside [0, 1], or a non-finite threshold.
     """
-    y, s = _checked(y_true, score)
+    y, s = checked_scores(y_true, score)
     t = _check_threshold(threshold)
     pred = labels_from_scores(s, t)
 
@@ -179,8 +179,8 @@ def binary_metrics(y_true: np.ndarray, score: np.ndarray, threshold: float = 0.5
     }
 
 
-def _roc_arrays(y_true: Any, score: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    y, s = _checked(y_true, score)
+def roc_arrays(y_true: Any, score: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    y, s = checked_scores(y_true, score)
     n_pos = int(y.sum())
     if n_pos == 0 or n_pos == y.shape[0]:
         only = 1 if n_pos else 0
@@ -206,7 +206,7 @@ def roc_points(y_true: np.ndarray, score: np.ndarray) -> dict[str, list[float]]:
     Raises:
         DataError: as :func:`binary_metrics`, and when ``y_true`` holds only one class.
     """
-    fpr, tpr, thr = _roc_arrays(y_true, score)
+    fpr, tpr, thr = roc_arrays(y_true, score)
     return {"fpr": fpr.tolist(), "tpr": tpr.tolist(), "threshold": thr.tolist()}
 
 

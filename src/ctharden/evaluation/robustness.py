@@ -2,7 +2,7 @@
 attacks (shen 2020, Table 2), 100-PGD robust-accuracy curves with their sanity checks (ma 2020),
 example images and attention maps.
 
->>> data = load_eval_data("artifacts/datasets/synthetic_nodule3d", model)
+>>> data = load_arrayset("artifacts/datasets/synthetic_nodule3d", model)
 >>> result, visuals = evaluate_robustness(model, data, job_settings(params, "nodule3d"), seed=1)
 
 The evaluation is a set of independent units (:mod:`ctharden.evaluation.units`), each seeded from
@@ -26,7 +26,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -48,45 +47,14 @@ from ctharden.config.robustness import RobustnessSettings
 from ctharden.core.device import select_runtime
 from ctharden.core.errors import DataError
 from ctharden.core.seeding import derive_seed
-from ctharden.data.dataset import load_arrays, read_info, read_manifest
+from ctharden.data.arrays import ArraySet
+from ctharden.data.dataset import read_info
 from ctharden.evaluation.clean import binary_metrics
 from ctharden.models import positive_score
 from ctharden.models.predict import predict_scores
 from ctharden.noise import NPSModel, default_nps, sample_nps_noise
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class EvalData:
-    """A dataset for the evaluation. ``x_attack``: ``(N, *spatial)`` in the units the NPS attacks
-    take (HU for models with an HU window, else the model's display units); ``x``: the same samples
-    in model-input units; ``y``: ``(N,)`` int64 labels; ``split``: ``(N,)`` "train"/"test"."""
-
-    x_attack: Tensor
-    x: Tensor
-    y: Tensor
-    sample_ids: list[str]
-    split: np.ndarray
-    info: dict[str, Any]
-
-    def indices(self, split: str) -> np.ndarray:
-        return np.nonzero(self.split == split)[0]
-
-
-def load_eval_data(dataset_dir: str | Path, model: nn.Module) -> EvalData:
-    """Load a dataset's arrays once, in attack (HU/display) and model-input units."""
-    manifest = read_manifest(dataset_dir)
-    info = read_info(dataset_dir)
-    raw = torch.from_numpy(load_arrays(dataset_dir, manifest["array"].tolist())).float()
-    ndim = len(info["shape"])
-    if getattr(model, "spatial_dims", ndim) != ndim:
-        raise DataError(f"model ({getattr(model, 'arch', '?')}, {model.spatial_dims}-D) does not fit dataset "
-                        f"{dataset_dir} ({ndim}-D arrays)")
-    with torch.no_grad():
-        x = model.to_input(raw).float().contiguous() if hasattr(model, "to_input") else raw
-    y = torch.as_tensor(manifest["label"].to_numpy().copy(), dtype=torch.int64)
-    return EvalData(raw, x, y, manifest["sample_id"].tolist(), manifest["split"].to_numpy().astype(str), info)
 
 
 def stratified_subset(y: np.ndarray, max_n: int | None, seed: int) -> np.ndarray:
@@ -143,7 +111,7 @@ def _nps_inputs(model: nn.Module, settings: RobustnessSettings) -> dict[str, Any
             "hu_per_unit": settings.hu_per_unit if getattr(model, "window_hu", None) is None else None}
 
 
-def nps_samples(data: EvalData, settings: RobustnessSettings, seed: int, split_index: int
+def nps_samples(data: ArraySet, settings: RobustnessSettings, seed: int, split_index: int
                 ) -> tuple[np.ndarray, np.ndarray]:
     """Dataset indices of split ``settings.splits[split_index]`` that the NPS attacks use:
     ``(random, optimized)``, the random attacks' (seeded, stratified) subset and the optimised
@@ -159,7 +127,7 @@ def nps_samples(data: EvalData, settings: RobustnessSettings, seed: int, split_i
 
 
 def random_nps_run(
-    model: nn.Module, data: EvalData, settings: RobustnessSettings, *, split_index: int, model_index: int,
+    model: nn.Module, data: ArraySet, settings: RobustnessSettings, *, split_index: int, model_index: int,
     seed: int, nps: NPSModel | None = None, device: torch.device | None = None,
 ) -> NPSAttackResult:
     """The random NPS attack of one model on one split, every mAs level (common random numbers)."""
@@ -167,13 +135,13 @@ def random_nps_run(
     sub, _ = nps_samples(data, settings, seed, split_index)
     g = torch.Generator(device=dev).manual_seed(derive_seed(seed, 31, split_index, model_index))
     return random_nps_attack(
-        model, data.x_attack[sub].to(dev), settings.mas_levels, settings.random.k, nps=nps, generator=g,
+        model, data.raw[sub].to(dev), settings.mas_levels, settings.random.k, nps=nps, generator=g,
         batch_size=settings.random.batch_size, **_nps_inputs(model, settings),
     )
 
 
 def optimized_nps_run(
-    model: nn.Module, data: EvalData, settings: RobustnessSettings, *, split_index: int, model_index: int,
+    model: nn.Module, data: ArraySet, settings: RobustnessSettings, *, split_index: int, model_index: int,
     mas_index: int, seed: int, nps: NPSModel | None = None, device: torch.device | None = None,
 ) -> NPSAttackResult:
     """The optimised NPS attack (Algorithm 1) of one model on one split at one mAs level."""
@@ -183,7 +151,7 @@ def optimized_nps_run(
     mas = settings.mas_levels[mas_index]
     g = torch.Generator(device=dev).manual_seed(derive_seed(seed, 33, split_index, model_index, mas_index))
     return optimized_nps_attack(
-        model, data.x_attack[osub].to(dev), mas, restarts=o.restarts, step_hu=step_hu(settings, mas, nps), tol=o.tol,
+        model, data.raw[osub].to(dev), mas, restarts=o.restarts, step_hu=step_hu(settings, mas, nps), tol=o.tol,
         n_iter=o.n_iter, nps=nps, generator=g, batch_size=o.batch_size, autocast=o.autocast,
         **_nps_inputs(model, settings),
     )
@@ -220,7 +188,7 @@ def nps_tables(random_runs: Sequence[Sequence[NPSAttackResult]],
 PGD_NORMS = ("linf", "l2")
 
 
-def pgd_samples(data: EvalData, settings: RobustnessSettings, seed: int) -> np.ndarray:
+def pgd_samples(data: ArraySet, settings: RobustnessSettings, seed: int) -> np.ndarray:
     """Test-split indices that PGD attacks (seeded, stratified ``pgd.max_samples`` subset)."""
     idx = data.indices("test")
     if len(idx) == 0:
@@ -229,7 +197,7 @@ def pgd_samples(data: EvalData, settings: RobustnessSettings, seed: int) -> np.n
 
 
 def pgd_norm_run(
-    model: nn.Module, data: EvalData, settings: RobustnessSettings, norm: str, *, seed: int,
+    model: nn.Module, data: ArraySet, settings: RobustnessSettings, norm: str, *, seed: int,
     device: torch.device | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """100-PGD robust accuracy vs ε for one norm with every sanity check: ``(curve, sanity)``.
@@ -258,7 +226,7 @@ def pgd_norm_run(
 
 
 def run_pgd_evaluation(
-    model: nn.Module, data: EvalData, settings: RobustnessSettings, *, seed: int, device: torch.device | None = None
+    model: nn.Module, data: ArraySet, settings: RobustnessSettings, *, seed: int, device: torch.device | None = None
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """100-PGD robust accuracy vs ε on the test split, per norm, with every sanity check.
 
@@ -284,7 +252,7 @@ def _eps_hu(model: nn.Module, eps: Sequence[float], settings: RobustnessSettings
     return None
 
 
-def clean_metrics(model: nn.Module, data: EvalData, device: torch.device | None = None) -> dict[str, Any]:
+def clean_metrics(model: nn.Module, data: ArraySet, device: torch.device | None = None) -> dict[str, Any]:
     """AUC, accuracy, sensitivity, specificity per split (fp32, eval mode)."""
 
     runtime = select_runtime("cpu" if device is None or device.type == "cpu" else "cuda", "fp32")
@@ -299,7 +267,7 @@ def clean_metrics(model: nn.Module, data: EvalData, device: torch.device | None 
 
 def example_visuals(
     model: nn.Module,
-    data: EvalData,
+    data: ArraySet,
     settings: RobustnessSettings,
     *,
     seed: int,
@@ -331,7 +299,7 @@ def example_visuals(
     examples = []
     g = torch.Generator().manual_seed(derive_seed(seed, 50))
     for i in idx:
-        xa = data.x_attack[i : i + 1]
+        xa = data.raw[i : i + 1]
         x0 = data.x[i : i + 1]
         s0 = score(x0)[0]
         draws = sample_nps_noise((32, *xa.shape[1:]), mas, settings.spacing_mm, nps=nps_model, generator=g)

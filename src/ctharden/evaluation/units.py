@@ -36,9 +36,9 @@ from torch import nn
 
 from ctharden.config.robustness import RobustnessSettings
 from ctharden.core.errors import DataError
+from ctharden.data.arrays import ArraySet
 from ctharden.evaluation.robustness import (
     PGD_NORMS,
-    EvalData,
     clean_metrics,
     example_visuals,
     nps_tables,
@@ -97,7 +97,7 @@ def evaluation_units(settings: RobustnessSettings, n_models: int) -> list[EvalUn
 def run_unit(
     unit: EvalUnit,
     models: Sequence[nn.Module],
-    data: EvalData,
+    data: ArraySet,
     settings: RobustnessSettings,
     *,
     seed: int,
@@ -131,7 +131,7 @@ def _index(value: int | None) -> int:
     return value
 
 
-def run_units(units: Sequence[EvalUnit], models: Sequence[nn.Module], data: EvalData, settings: RobustnessSettings,
+def run_units(units: Sequence[EvalUnit], models: Sequence[nn.Module], data: ArraySet, settings: RobustnessSettings,
               *, seed: int, nps: NPSModel | None = None, device: torch.device | None = None) -> list[UnitResult]:
     """:func:`run_unit` for each unit in turn (the serial path)."""
     return [run_unit(u, models, data, settings, seed=seed, nps=nps, device=device) for u in units]
@@ -187,7 +187,7 @@ def assemble(units: Sequence[EvalUnit], partials: Sequence[UnitResult], settings
 
 def run_nps_attacks(
     models: Sequence[nn.Module],
-    data: EvalData,
+    data: ArraySet,
     settings: RobustnessSettings,
     *,
     seed: int,
@@ -212,7 +212,7 @@ def model_set(model: nn.Module, fold_models: Sequence[nn.Module], settings: Robu
 
 def evaluate_robustness(
     model: nn.Module,
-    data: EvalData,
+    data: ArraySet,
     settings: RobustnessSettings,
     *,
     seed: int,

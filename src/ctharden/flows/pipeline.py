@@ -67,10 +67,10 @@ from ctharden.stages import register as register_stage
 from ctharden.stages import train as train_stage
 from ctharden.stages import tune as tune_stage
 from ctharden.stages import validate as validate_stage
+from ctharden.stages.gate import GateResult
 from ctharden.stages.harden import curves_markdown
 from ctharden.stages.result import (
     EvaluateResult,
-    GateResult,
     HardenResult,
     IngestResult,
     RegisterResult,

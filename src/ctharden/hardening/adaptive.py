@@ -1,6 +1,6 @@
 """Adaptive training (shen et al. 2020, section 2.5, Algorithm 2; section 3.5, Tables 4-5).
 
->>> data = load_eval_data("artifacts/datasets/synthetic_nodule3d", model)
+>>> data = load_arrayset("artifacts/datasets/synthetic_nodule3d", model)
 >>> result = adaptive_train(model, data, job_settings(params, "nodule3d"), n_adapt=2, seed=1)
 >>> print(result.tables())          # Tables 4 (train) and 5 (test), with the paper's rows
 
@@ -51,7 +51,7 @@ Decisions where the paper is silent (all recorded in ``AdaptiveResult.settings``
 - The fine-tuned model is the last epoch of each step (no validation-based selection: the paper
   gives none for fine-tuning).
 
-Units: ``data.x_attack`` in HU (nodule3d; display units with ``settings.hu_per_unit`` for
+Units: ``data.raw`` in HU (nodule3d; display units with ``settings.hu_per_unit`` for
 models without an HU window), ``data.x`` and every element of ``S`` in model-input units.
 
 Determinism: with the same ``seed`` and inputs, on CPU, the attacks (seeded generators from
@@ -78,7 +78,8 @@ from ctharden.attacks.nps import InputMap, optimized_nps_attack
 from ctharden.config.robustness import RobustnessSettings
 from ctharden.core.errors import ConfigError, DataError
 from ctharden.core.seeding import derive_seed
-from ctharden.evaluation.robustness import EvalData, _nps_inputs, clean_metrics, step_hu
+from ctharden.data.arrays import ArraySet
+from ctharden.evaluation.robustness import _nps_inputs, clean_metrics, step_hu
 from ctharden.evaluation.units import run_nps_attacks
 from ctharden.hardening.objectives import fit_with, resolve_device
 from ctharden.models import positive_score
@@ -353,7 +354,7 @@ class _IndexedTensors(Dataset):
 
 
 def default_evaluator(
-    data: EvalData,
+    data: ArraySet,
     settings: RobustnessSettings,
     *,
     seed: int,
@@ -416,14 +417,9 @@ def _levels(mas_levels: Sequence[float] | None, settings: RobustnessSettings) ->
 
 
 def _check_data(data: Any, target: Tensor | None) -> Tensor:
-    if not isinstance(data, EvalData):
-        raise ConfigError(f"adaptive training: data must be an EvalData, got {type(data).__name__}")
-    n = int(data.x.shape[0])
-    if data.x_attack.shape[0] != n or data.y.shape[0] != n or len(data.split) != n:
-        raise DataError(f"EvalData arrays disagree in length: x {n}, x_attack {data.x_attack.shape[0]}, "
-                        f"y {data.y.shape[0]}, split {len(data.split)}")
-    if data.x_attack.shape[1:] != data.x.shape[1:]:
-        raise DataError(f"EvalData: x_attack {tuple(data.x_attack.shape)} and x {tuple(data.x.shape)} differ in shape")
+    if not isinstance(data, ArraySet):
+        raise ConfigError(f"adaptive training: data must be an ArraySet, got {type(data).__name__}")
+    n = len(data)  # ArraySet checks its own lengths and shapes
     if len(data.indices("train")) == 0:
         raise DataError("adaptive training needs training samples: the data's train split is empty")
     if target is None:
@@ -529,7 +525,7 @@ def _attack_training_set(
 
 def adaptive_train(
     model: nn.Module,
-    data: EvalData,
+    data: ArraySet,
     settings: RobustnessSettings,
     *,
     n_adapt: int = 2,
@@ -552,7 +548,7 @@ def adaptive_train(
 
     Args:
         model: the baseline classifier (trained with eq. 1); tuned **in place** and returned.
-        data: an :class:`~ctharden.evaluation.robustness.EvalData` (``x_attack`` in HU for HU-window
+        data: an :class:`~ctharden.evaluation.robustness.ArraySet` (``raw`` in HU for HU-window
             models, ``x`` in model-input units, ``y`` ``(N,)`` labels, ``split`` "train"/"test").
             Only ``split == "train"`` samples are attacked for and enter ``S``.
         settings: robustness settings: the attack's δ (``optimized.step_sigma``), ε, N_iter, batch
@@ -582,7 +578,7 @@ def adaptive_train(
     Raises:
         ConfigError: bad arguments (``n_adapt`` / ``epochs_per_step`` / ``restarts`` /
             ``batch_size`` < 1, ``lr`` <= 0, unknown loss or one the model's output cannot train
-            with, bad mAs levels, wrong ``target`` shape, ``data`` not an EvalData).
+            with, bad mAs levels, wrong ``target`` shape, ``data`` not an ArraySet).
         DataError: the data have no training samples or inconsistent arrays.
     """
     n_adapt = _int_arg("n_adapt", n_adapt, 1)
@@ -612,7 +608,7 @@ def adaptive_train(
     if evaluate is None:
         evaluate = default_evaluator(data, settings, seed=derive_seed(seed, _TAG_EVAL), nps=nps, device=dev)
     train_idx = data.indices("train").astype(np.int64)
-    x_hu = data.x_attack[torch.from_numpy(train_idx)].to(dev)
+    x_hu = data.raw[torch.from_numpy(train_idx)].to(dev)
     base_x = data.x[torch.from_numpy(train_idx)].float().cpu()
     base_y = data.y[torch.from_numpy(train_idx)].long().cpu()
     base_t = all_target[torch.from_numpy(train_idx)].cpu()

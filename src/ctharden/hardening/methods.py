@@ -19,7 +19,6 @@ import copy
 import logging
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -47,14 +46,19 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class HardenData:
-    """The data of one job's hardening: ``train`` (fine-tuning set), ``val`` (the selected model's
-    validation fold; None with a single fold), ``test`` (held out), in model-input units."""
+    """The data of one job's hardening, in model-input units: ``train`` (fine-tuning set), ``val``
+    (the selected model's validation fold; None with a single fold), ``test`` (held out), and
+    ``full`` (the whole dataset, loaded once: adaptive training attacks and re-evaluates on it)."""
 
     train: ArraySet
     val: ArraySet | None
     test: ArraySet
-    dataset_dir: Path
-    info: dict[str, Any]
+    full: ArraySet
+
+    @property
+    def info(self) -> dict[str, Any]:
+        """The dataset's ``dataset.json``."""
+        return self.full.info
 
 
 @dataclass
@@ -66,17 +70,11 @@ class NoiseContext:
     nps: Any
 
 
-def hardening_data(data: ArraySet, info: dict[str, Any], dataset_dir: Path, selected_fold: int) -> HardenData:
-    """Split a whole dataset (model-input units) into the hardening sets of the model selected on
-    fold ``selected_fold``: its training folds, its validation fold (None with one fold) and the test split."""
-    split = data.manifest["split"].to_numpy()
-    fold = data.manifest["fold"].to_numpy()
-    if int(info["split"]["n_folds"]) > 1:
-        train = data.subset((split == "train") & (fold != selected_fold))
-        val: ArraySet | None = data.subset((split == "train") & (fold == selected_fold))
-    else:
-        train, val = data.subset(split == "train"), None
-    return HardenData(train, val, data.subset(split == "test"), dataset_dir, info)
+def hardening_data(data: ArraySet, selected_fold: int) -> HardenData:
+    """The hardening sets of the model selected on fold ``selected_fold`` (see
+    :meth:`~ctharden.data.arrays.ArraySet.fold_split`) of the whole dataset ``data``."""
+    train, val, test = data.fold_split(selected_fold)
+    return HardenData(train, val, test, data)
 
 
 def make_loader(data: ArraySet, batch_size: int, seed: int) -> DataLoader:

@@ -33,13 +33,14 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import matplotlib
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from ctharden.core.errors import DataError
 from ctharden.core.io import atomic_write_bytes, atomic_write_text
-from ctharden.evaluation.clean import _as_labels, _checked, _roc_arrays, binary_metrics, labels_from_scores
+from ctharden.evaluation.clean import as_labels, binary_metrics, checked_scores, labels_from_scores, roc_arrays
 
 __all__ = ["plot_confusion", "plot_roc", "write_dvc_plots"]
 
@@ -54,7 +55,7 @@ def png_bytes(fig: Figure) -> bytes:
     return buf.getvalue()
 
 
-def _save_png(fig: Figure, path: Path) -> Path:
+def save_png(fig: Figure, path: Path) -> Path:
     return atomic_write_bytes(path, png_bytes(fig))
 
 
@@ -79,7 +80,7 @@ def plot_roc(
     ax.plot([0.0, 1.0], [0.0, 1.0], linestyle="--", color="0.6", linewidth=1.0, label="chance")
     for label, (y_true, score) in curves.items():
         try:
-            fpr, tpr, _ = _roc_arrays(y_true, score)
+            fpr, tpr, _ = roc_arrays(y_true, score)
             auc = binary_metrics(y_true, score)["auc"]
         except DataError as exc:
             raise DataError(f"ROC curve {label!r}: {exc}") from exc
@@ -93,7 +94,7 @@ def plot_roc(
     ax.legend(loc="lower right", fontsize="small")
     if title:
         ax.set_title(title)
-    return _save_png(fig, Path(path))
+    return save_png(fig, Path(path))
 
 
 def plot_confusion(
@@ -111,8 +112,8 @@ def plot_confusion(
     Raises:
         DataError: labels not in {0, 1}, empty or mismatched inputs, or ``labels`` not of length 2.
     """
-    y = _as_labels(y_true, "y_true")
-    p = _as_labels(y_pred, "y_pred")
+    y = as_labels(y_true, "y_true")
+    p = as_labels(y_pred, "y_pred")
     if p.shape != y.shape:
         raise DataError(f"shape mismatch: y_true has {y.shape[0]} samples but y_pred has {p.shape[0]}")
     names = [str(n) for n in labels]
@@ -140,7 +141,7 @@ def plot_confusion(
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="share of actual class")
     if title:
         ax.set_title(title)
-    return _save_png(fig, Path(path))
+    return save_png(fig, Path(path))
 
 
 def _cell(value: Any) -> str:
@@ -154,7 +155,7 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
-def _csv_text(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+def csv_text(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(header)
@@ -190,10 +191,10 @@ def write_dvc_plots(
             (no ROC), or ``sample_ids``/``extra`` of the wrong length or with a clashing name.
     """
     out_dir = Path(out_dir)
-    y, s = _checked(y_true, score)
+    y, s = checked_scores(y_true, score)
     n = y.shape[0]
     pred = labels_from_scores(s, threshold)
-    fpr, tpr, thr = _roc_arrays(y, s)
+    fpr, tpr, thr = roc_arrays(y, s)
 
     ids = [str(i) for i in range(n)] if sample_ids is None else [str(v) for v in sample_ids]
     if len(ids) != n:
@@ -215,9 +216,45 @@ def write_dvc_plots(
 
     roc_path = atomic_write_text(
         out_dir / "roc.csv",
-        _csv_text(["fpr", "tpr", "threshold"], list(zip(fpr.tolist(), tpr.tolist(), thr.tolist()))),
+        csv_text(["fpr", "tpr", "threshold"], list(zip(fpr.tolist(), tpr.tolist(), thr.tolist()))),
     )
     pred_path = atomic_write_text(
-        out_dir / "predictions.csv", _csv_text(list(columns), list(zip(*columns.values())))
+        out_dir / "predictions.csv", csv_text(list(columns), list(zip(*columns.values())))
     )
     return {"roc": roc_path, "predictions": pred_path}
+
+
+def plot_method_curves(curves: dict[str, dict[str, Any]], path: Path, title: str, baseline: str = "") -> Path:
+    """Robust accuracy vs ε of every hardening method on one plot (ma 2020, Figs. 6-9); the
+    curve named ``baseline`` dashed."""
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
+    for name, c in curves.items():
+        style = "k--" if name == baseline else "-"
+        ax.plot(c["eps"], c["accuracy"], style, marker="o", ms=3, label=name, lw=2.2 if c.get("hardened") else 1.2)
+    ax.set_xlabel("ε (model-input units)")
+    ax.set_ylabel("100-PGD robust accuracy")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return save_png(fig, path)
+
+
+def plot_margins(history: list[np.ndarray], eps_max: float, path: Path, title: str = "") -> Path:
+    """Histogram of IMA's margin estimates after each epoch (ma 2020, Fig. 9 middle)."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 3.5))
+    ax = fig.subplots()
+    bins = np.linspace(0, eps_max, 31)
+    cmap = matplotlib.colormaps["viridis"]
+    for i, m in enumerate(history):
+        ax.hist(m, bins=bins, histtype="step", color=cmap(i / max(len(history) - 1, 1)), label=f"epoch {i + 1}")
+    ax.set_xlabel("estimated margin (model-input units)")
+    ax.set_ylabel("samples")
+    ax.set_title(title or "IMA margins per epoch")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    return save_png(fig, path)

@@ -25,7 +25,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from ctharden.core.io import atomic_write_text
-from ctharden.reporting.plots import _csv_text, _save_png
+from ctharden.reporting.plots import csv_text, save_png
 
 ATTACKS = (("random_nps", "random"), ("optimized_nps", "optimized"))
 _STYLE = {"train": "--", "test": "-"}
@@ -56,14 +56,14 @@ def write_plot_data(result: Mapping[str, Any], out_dir: Path) -> list[Path]:
                 rows.append([round(100 * level, 6),
                              *[lv["sar_above"]["percent_of_samples_with_sar_above_level"][i] for lv in lv0]])
             header = ["sar_level", *[f"mas{lv['mas']:g}" for lv in lv0]]
-            paths.append(atomic_write_text(out_dir / f"sar_above_{short}_{split}.csv", _csv_text(header, rows)))
+            paths.append(atomic_write_text(out_dir / f"sar_above_{short}_{split}.csv", csv_text(header, rows)))
     mas = sorted({m for s in series.values() for m in s})
     rows = [[m, *[series[c].get(m, "") for c in cols]] for m in mas]
-    paths.append(atomic_write_text(out_dir / "san_vs_mas.csv", _csv_text(["mas", *cols], rows)))
+    paths.append(atomic_write_text(out_dir / "san_vs_mas.csv", csv_text(["mas", *cols], rows)))
     for norm, curve in result["pgd"].items():
         hu = curve.get("eps_hu") or [""] * len(curve["eps"])
         rows = [[e, h, a] for e, h, a in zip(curve["eps"], hu, curve["accuracy"], strict=True)]
-        paths.append(atomic_write_text(out_dir / f"robust_accuracy_{norm}.csv", _csv_text(["eps", "eps_hu", "accuracy"], rows)))
+        paths.append(atomic_write_text(out_dir / f"robust_accuracy_{norm}.csv", csv_text(["eps", "eps_hu", "accuracy"], rows)))
     return paths
 
 
@@ -95,7 +95,7 @@ def plot_san_vs_mas(results: Mapping[str, Mapping[str, Any]], path: Path) -> Pat
         ax.set_title(f"{name}: samples flipped by NPS noise")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    return _save_png(fig, path)
+    return save_png(fig, path)
 
 
 def plot_sar_curves(result: Mapping[str, Any], path: Path, title: str = "") -> Path:
@@ -116,7 +116,7 @@ def plot_sar_curves(result: Mapping[str, Any], path: Path, title: str = "") -> P
         ax.legend(fontsize=7)
     if title:
         fig.suptitle(title, fontsize=10)
-    return _save_png(fig, path)
+    return save_png(fig, path)
 
 
 def plot_robust_accuracy(results: Mapping[str, Mapping[str, Any]], path: Path) -> Path:
@@ -136,7 +136,7 @@ def plot_robust_accuracy(results: Mapping[str, Mapping[str, Any]], path: Path) -
         ax.set_title(f"100-PGD ({norm}), CE and margin loss")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    return _save_png(fig, path)
+    return save_png(fig, path)
 
 
 def plot_examples(visuals: Mapping[str, Any], path: Path, *, spatial_dims: int, title: str = "") -> Path | None:
@@ -181,7 +181,7 @@ def plot_examples(visuals: Mapping[str, Any], path: Path, *, spatial_dims: int, 
                 ax.set_title(f"{col}{extra}\np={s:.3f}", fontsize=7)
     if title:
         fig.suptitle(title, fontsize=9)
-    return _save_png(fig, path)
+    return save_png(fig, path)
 
 
 # ---------------------------------------------------------------------------------------------------

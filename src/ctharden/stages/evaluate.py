@@ -36,9 +36,9 @@ from ctharden.config.paths import evaluation_paths, harden_paths
 from ctharden.config.robustness import RobustnessSettings, job_settings
 from ctharden.core.errors import DataError
 from ctharden.core.io import atomic_write_json, atomic_write_text, load_json
+from ctharden.data.arrays import ArraySet, load_arrayset
 from ctharden.evaluation.attention import save_attention_figure
 from ctharden.evaluation.headline import headline_metrics
-from ctharden.evaluation.robustness import EvalData, load_eval_data
 from ctharden.evaluation.units import evaluate_robustness, model_set
 from ctharden.noise.config import noise_model
 from ctharden.reporting.report import (
@@ -71,7 +71,7 @@ class EvalJob:
     model: torch.nn.Module  # the selected (or hardened) model
     fold_models: list[torch.nn.Module]
     summary: dict[str, Any]  # the training (or harden) stage's summary
-    data: EvalData
+    data: ArraySet
     settings: RobustnessSettings
     seed: int
     nps: Any  # NPSModel
@@ -88,8 +88,8 @@ def prepare_job(params: dict[str, Any], job: str, variant: str = "baseline") -> 
     models, data and settings."""
     model, fold_models, summary = load_job_models(params, job, variant)
     name, ds_dir, _ = trained_dataset(params, job, summary)
-    data = load_eval_data(ds_dir, model)
-    settings: RobustnessSettings = job_settings(params, job).for_width(int(data.x_attack.shape[-1]))
+    data = load_arrayset(ds_dir, model)
+    settings: RobustnessSettings = job_settings(params, job).for_width(int(data.raw.shape[-1]))
     if variant == "hardened":  # one hardened model (of the selected fold): compare with the baseline's selected model
         settings = dataclasses.replace(settings, models="selected")
     return EvalJob(job, variant, name, ds_dir, model, fold_models, summary, data, settings,
@@ -113,7 +113,7 @@ def finish_job(ctx: EvalJob, result: dict[str, Any]) -> dict[str, Any]:
 
 
 def evaluate_job(params: dict[str, Any], job: str, variant: str = "baseline"
-                 ) -> tuple[dict[str, Any], dict[str, Any], torch.nn.Module, EvalData]:
+                 ) -> tuple[dict[str, Any], dict[str, Any], torch.nn.Module, ArraySet]:
     """Evaluate one trained (or hardened) job; returns ``(result, visuals, model, data)``."""
     t0 = time.perf_counter()
     ctx = prepare_job(params, job, variant)

@@ -20,7 +20,6 @@ from ctharden.data.arrays import load_arrayset
 from ctharden.data.dataset import read_info
 from ctharden.data.validation import ensure_valid, require_validated, validate_dataset
 from ctharden.evaluation.clean import binary_metrics, labels_from_scores
-from ctharden.evaluation.robustness import load_eval_data
 from ctharden.evaluation.units import evaluate_robustness
 from ctharden.models.predict import predict_scores
 from ctharden.noise.config import noise_model
@@ -108,8 +107,8 @@ def evaluate_model_robustness(
     dataset_dir = Path(dataset_dir)
     ensure_dataset_valid(dataset_dir, Path(validation_dir) if validation_dir else None)
     model, meta = load_model_ref(model_ref)
-    data = load_eval_data(dataset_dir, model)
-    settings = job_settings(params, settings_of or "").for_width(int(data.x_attack.shape[-1]))
+    data = load_arrayset(dataset_dir, model)
+    settings = job_settings(params, settings_of or "").for_width(int(data.raw.shape[-1]))
     result, visuals = evaluate_robustness(model, data, settings, seed=int(section(params, "seed")),
                                           nps=noise_model(params))
     name = Path(str(model_ref)).name

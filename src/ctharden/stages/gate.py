@@ -10,16 +10,32 @@ baseline is an expected outcome, not a broken pipeline).
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ctharden.config.paths import VARIANTS, evaluation_paths, gate_path
 from ctharden.core.errors import ConfigError, DataError
 from ctharden.core.io import atomic_write_json, load_json, sha256_file
-from ctharden.gate.criteria import check, gate_settings
-from ctharden.stages.result import GateResult
+from ctharden.gate.criteria import check, failures, gate_settings
+from ctharden.stages.result import StageResult
 
 STAGE = "gate"
+
+
+@dataclass(frozen=True)
+class GateResult(StageResult):
+    """The verdicts of the gated models, ``{variant: {job: record}}`` (merged into
+    ``metrics/gate.json``)."""
+
+    @property
+    def failures(self) -> list[str]:
+        """``"job (variant): reasons"`` for every gated model that failed."""
+        return failures(self.record)
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
 
 
 def resolve_variants(params: Mapping[str, Any], variant: str) -> list[str]:

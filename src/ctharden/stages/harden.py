@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -27,21 +26,18 @@ from ctharden.config.hardening import EPS_METHODS, harden_settings
 from ctharden.config.jobs import job_config
 from ctharden.config.params import section
 from ctharden.config.paths import harden_paths, tune_paths
-from ctharden.config.robustness import job_settings
+from ctharden.config.robustness import RobustnessSettings, job_settings
 from ctharden.core.errors import DataError
 from ctharden.core.io import atomic_write_json, atomic_write_text, load_json
 from ctharden.core.seeding import derive_seed
-from ctharden.evaluation.robustness import load_eval_data
-from ctharden.hardening.methods import clean_auc, harden_model, noise_context, subset
+from ctharden.hardening.methods import HardenData, clean_auc, harden_model, hardening_data, noise_context, subset
 from ctharden.models.files import save_model
 from ctharden.noise.config import noise_model
-from ctharden.reporting.plots import _save_png
+from ctharden.reporting.plots import plot_margins, plot_method_curves
 from ctharden.reporting.report import markdown_table
 from ctharden.stages.inputs import load_baseline
 from ctharden.stages.result import HardenResult
-from ctharden.stages.train import _log_pytorch_model
-from ctharden.stages.tune import plot_margins
-from ctharden.tracking.runs import MODEL_FILE_ARTIFACT, configure, tracking_from_params
+from ctharden.tracking.runs import MODEL_FILE_ARTIFACT, configure, log_pytorch_model, tracking_from_params
 
 log = logging.getLogger(__name__)
 STAGE = "harden"
@@ -63,25 +59,6 @@ def chosen_eps(params: dict[str, Any], job: str) -> tuple[float | None, str]:
     return float(tuned["eps"]), "tune"
 
 
-def plot_method_curves(curves: dict[str, dict[str, Any]], path: Path, title: str) -> Path:
-    """Robust accuracy vs ε of every method on one plot."""
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(6, 4))
-    ax = fig.subplots()
-    for name, c in curves.items():
-        style = "k--" if name == BASELINE else "-"
-        ax.plot(c["eps"], c["accuracy"], style, marker="o", ms=3, label=name, lw=2.2 if c.get("hardened") else 1.2)
-    ax.set_xlabel("ε (model-input units)")
-    ax.set_ylabel("100-PGD robust accuracy")
-    ax.set_ylim(-0.02, 1.02)
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    return _save_png(fig, path)
-
-
 def curves_markdown(curves: dict[str, dict[str, Any]], norm: str) -> str:
     """One row per method: clean AUC, accuracy at each ε, normalised area."""
 
@@ -100,12 +77,13 @@ def harden_job(params: dict[str, Any], job: str, *, log_mlflow: bool = True) -> 
     eps, eps_source = chosen_eps(params, job)
     seed = int(section(params, "seed"))
     paths = harden_paths(params, job)
-    baseline, summary, data = load_baseline(params, job)
+    baseline, summary, full = load_baseline(params, job)
+    data = hardening_data(full, int(summary["selected_fold"]))
     width = int(data.train.x.shape[-1])
     rs = job_settings(params, job).for_width(width)
     methods = list(dict.fromkeys([hs.method, *hs.compare]))
     noise = noise_context(params, job, baseline, width) if "nps" in methods else None
-    adaptive_ctx = _adaptive_context(params, job, baseline, data, rs) if "adaptive" in methods else None
+    adaptive_ctx = _adaptive_context(params, job, data, rs) if "adaptive" in methods else None
     eval_eps = [0.0, *getattr(rs.pgd, hs.norm)]
     test = subset(data.test, hs.compare_max_samples, derive_seed(seed, 70))
 
@@ -138,7 +116,8 @@ def harden_job(params: dict[str, Any], job: str, *, log_mlflow: bool = True) -> 
             "dataset_hash": data.info["content_hash"], "baseline_model": summary["model_file"],
             "baseline_run_id": summary["mlflow"]["run_id"], "selected_fold": summary["selected_fold"]})
         fig = plot_method_curves(curves, paths["reports"] / f"methods_{hs.norm}.png",
-                                 title=f"{job}: 100-PGD accuracy of every method ({hs.norm}, {len(test)} test samples)")
+                                 title=f"{job}: 100-PGD accuracy of every method ({hs.norm}, {len(test)} test samples)",
+                                 baseline=BASELINE)
         table = curves_markdown(curves, hs.norm)
         atomic_write_text(paths["reports"] / "methods.md", f"# {job}: hardening methods\n\n{table}\n")
         if "adaptive" in infos:
@@ -174,7 +153,7 @@ def harden_job(params: dict[str, Any], job: str, *, log_mlflow: bool = True) -> 
             mlflow.log_artifact(str(model_file), MODEL_FILE_ARTIFACT)
             mlflow.log_artifact(str(fig), "harden")
             mlflow.log_artifact(str(paths["reports"] / "methods.md"), "harden")
-            _log_pytorch_model(hardened, test.x[:2])
+            log_pytorch_model(hardened, test.x[:2])
             mlflow.log_dict(result, "harden/result.json")
     finally:
         if parent is not None:
@@ -183,12 +162,11 @@ def harden_job(params: dict[str, Any], job: str, *, log_mlflow: bool = True) -> 
     return result
 
 
-def _adaptive_context(params: dict[str, Any], job: str, model: torch.nn.Module, data: Any, rs: Any) -> dict[str, Any]:
-    """Arguments of :func:`ctharden.hardening.adaptive.adaptive_train` for this job."""
-
+def _adaptive_context(params: dict[str, Any], job: str, data: HardenData, rs: RobustnessSettings) -> dict[str, Any]:
+    """Arguments of :func:`ctharden.hardening.adaptive.adaptive_train` for this job (the whole
+    dataset as the stage loaded it: no second load)."""
     cfg = job_config(params, job)
-    ev = load_eval_data(data.dataset_dir, model)
-    return {"data": ev, "settings": rs, "nps": noise_model(params), "loss": str(cfg.get("loss", "mse"))}
+    return {"data": data.full, "settings": rs, "nps": noise_model(params), "loss": str(cfg.get("loss", "mse"))}
 
 
 def run(params: dict[str, Any], name: str) -> HardenResult:

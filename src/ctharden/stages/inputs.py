@@ -13,10 +13,9 @@ from ctharden.config.jobs import job_config
 from ctharden.config.paths import dataset_dir, harden_paths, train_paths, validation_dir
 from ctharden.core.errors import DataError
 from ctharden.core.io import load_json
-from ctharden.data.arrays import load_arrayset
+from ctharden.data.arrays import ArraySet, load_arrayset
 from ctharden.data.dataset import read_info
 from ctharden.data.validation import require_validated
-from ctharden.hardening.methods import HardenData, hardening_data
 from ctharden.models.files import load_model
 
 
@@ -65,10 +64,9 @@ def load_job_models(params: dict[str, Any], job: str, variant: str = "baseline"
 
 
 
-def load_baseline(params: dict[str, Any], job: str) -> tuple[nn.Module, dict[str, Any], HardenData]:
-    """The job's selected baseline model, its training summary and its hardening data (checked
-    with :func:`trained_dataset`)."""
+def load_baseline(params: dict[str, Any], job: str) -> tuple[nn.Module, dict[str, Any], ArraySet]:
+    """The job's selected baseline model, its training summary and its whole dataset in the
+    model's input units, loaded once (checked with :func:`trained_dataset`)."""
     model, _, summary = load_job_models(params, job)
-    _, ds_dir, info = trained_dataset(params, job, summary)
-    data = load_arrayset(ds_dir, model)
-    return model, summary, hardening_data(data, info, ds_dir, int(summary["selected_fold"]))
+    _, ds_dir, _ = trained_dataset(params, job, summary)
+    return model, summary, load_arrayset(ds_dir, model)

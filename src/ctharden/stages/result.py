@@ -2,7 +2,8 @@
 
 A stage's result is the JSON record it wrote (its DVC metrics file, unchanged in shape) plus
 typed accessors for what callers read from it, so that the CLI, the flows and the tests name a
-field once, here, instead of indexing nested dicts.
+field once, here, instead of indexing nested dicts. (The gate's result lives with its stage,
+:class:`ctharden.stages.gate.GateResult`, since it applies the gate's rules.)
 """
 
 from __future__ import annotations
@@ -11,8 +12,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-from ctharden.gate.criteria import failures
 
 
 @dataclass(frozen=True)
@@ -120,21 +119,6 @@ class HardenResult(StageResult):
     def eps(self) -> float | None:
         eps = self.record.get("eps")
         return None if eps is None else float(eps)
-
-
-@dataclass(frozen=True)
-class GateResult(StageResult):
-    """The verdicts of the gated models, ``{variant: {job: record}}`` (merged into
-    ``metrics/gate.json``)."""
-
-    @property
-    def failures(self) -> list[str]:
-        """``"job (variant): reasons"`` for every gated model that failed."""
-        return failures(self.record)
-
-    @property
-    def passed(self) -> bool:
-        return not self.failures
 
 
 @dataclass(frozen=True)

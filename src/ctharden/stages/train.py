@@ -51,7 +51,7 @@ from ctharden.models.files import load_model, save_model
 from ctharden.models.predict import predict_scores
 from ctharden.reporting.plots import plot_confusion, plot_roc, write_dvc_plots
 from ctharden.stages.result import TrainResult
-from ctharden.tracking.runs import MODEL_FILE_ARTIFACT, configure, flatten, tracking_from_params
+from ctharden.tracking.runs import MODEL_FILE_ARTIFACT, configure, flatten, log_pytorch_model, tracking_from_params
 from ctharden.training.loop import TrainConfig, selection_score, train_fold
 
 log = logging.getLogger(__name__)
@@ -291,7 +291,7 @@ def finish_training(ctx: TrainJob, records: list[FoldRecord]) -> dict[str, Any]:
         for png in ("roc_folds.png", "confusion.png", "table.md"):
             mlflow.log_artifact(str(reports / png), "plots")
         mlflow.log_artifact(str(final_path), MODEL_FILE_ARTIFACT)
-        _log_pytorch_model(final_model, test.x[:2])
+        log_pytorch_model(final_model, test.x[:2])
         mlflow.log_metrics({f"test_{m}_{s}": v for m, d in agg.items() for s, v in d.items()
                             if s in ("mean", "std") and v is not None})
         mlflow.log_metrics({f"final_test_{n}": v for n, v in final_test.items() if isinstance(v, (int, float))})
@@ -341,19 +341,6 @@ def _select_fold(per_fold: list[dict[str, Any]], cfg: TrainConfig) -> dict[str, 
         return selection_score(cfg, best)
 
     return max(per_fold, key=key)
-
-
-def _log_pytorch_model(model: torch.nn.Module, example: torch.Tensor) -> None:
-    """Log the model to MLflow (pt2 format, signature from a batch-of-2 input example)."""
-    import mlflow
-    from mlflow.models import infer_signature
-
-    model = model.cpu().eval()
-    x = example.cpu().float()
-    with torch.no_grad():
-        y = model(x)
-    mlflow.pytorch.log_model(model, name="model", input_example=x.numpy(),
-                             signature=infer_signature(x.numpy(), y.numpy()))
 
 
 def run(params: dict[str, Any], name: str, *, progress: bool = True) -> TrainResult:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import logging
 import math
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -36,8 +35,8 @@ from ctharden.core.errors import ConfigError
 from ctharden.core.io import atomic_write_json, atomic_write_text
 from ctharden.core.seeding import derive_seed
 from ctharden.hardening.ima import suggest_eps
-from ctharden.hardening.methods import clean_scores, harden_model, noise_context, subset
-from ctharden.reporting.plots import _save_png
+from ctharden.hardening.methods import clean_scores, harden_model, hardening_data, noise_context, subset
+from ctharden.reporting.plots import plot_margins
 from ctharden.reporting.report import markdown_table
 from ctharden.stages.inputs import load_baseline
 from ctharden.stages.result import TuneResult
@@ -45,25 +44,6 @@ from ctharden.tracking.runs import configure, tracking_from_params
 
 log = logging.getLogger(__name__)
 STAGE = "tune"
-
-
-def plot_margins(history: list[np.ndarray], eps_max: float, path: Path, title: str = "") -> Path:
-    """Histogram of IMA's margin estimates after each epoch (ma 2020, Fig. 9 middle)."""
-    import matplotlib
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(6, 3.5))
-    ax = fig.subplots()
-    bins = np.linspace(0, eps_max, 31)
-    cmap = matplotlib.colormaps["viridis"]
-    for i, m in enumerate(history):
-        ax.hist(m, bins=bins, histtype="step", color=cmap(i / max(len(history) - 1, 1)), label=f"epoch {i + 1}")
-    ax.set_xlabel("estimated margin (model-input units)")
-    ax.set_ylabel("samples")
-    ax.set_title(title or "IMA margins per epoch")
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    return _save_png(fig, path)
 
 
 def score_trial(model: Any, val: Any, ts: Any, seed: int) -> dict[str, float]:
@@ -91,7 +71,8 @@ def tune_job(params: dict[str, Any], job: str, *, log_mlflow: bool = True) -> di
     hs, ts = harden_settings(params, job), tune_settings(params, job)
     seed = int(section(params, "seed"))
     paths = tune_paths(params, job)
-    baseline, summary, data = load_baseline(params, job)
+    baseline, summary, full = load_baseline(params, job)
+    data = hardening_data(full, int(summary["selected_fold"]))
     if data.val is None or len(data.val) == 0:
         raise ConfigError(f"job {job!r} has a single fold: the ε search needs the selected model's validation "
                           "fold (set split.n_folds >= 2)")

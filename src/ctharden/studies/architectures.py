@@ -33,7 +33,8 @@ from ctharden.config.robustness import job_settings
 from ctharden.core.errors import ConfigError
 from ctharden.core.io import atomic_write_json, atomic_write_text
 from ctharden.core.seeding import derive_seed
-from ctharden.evaluation.robustness import load_eval_data, stratified_subset
+from ctharden.data.arrays import load_arrayset
+from ctharden.evaluation.robustness import stratified_subset
 from ctharden.models import ARCHITECTURES
 from ctharden.models.files import load_model
 from ctharden.noise.config import noise_model
@@ -120,14 +121,14 @@ def run_architecture_study(
         for f in summary["folds"]:
             model, _ = load_model(Path(sp["paths"]["artifacts"]) / "models" / name / f"fold{f['fold']}" / "model.pt")
             if data is None:  # the folds share the architecture, hence the input units: load once
-                data = load_eval_data(ds_dir, model)
-            s = settings.for_width(int(data.x_attack.shape[-1]))
+                data = load_arrayset(ds_dir, model)
+            s = settings.for_width(int(data.raw.shape[-1]))
             for si, split in enumerate(("train", "test")):
                 idx = data.indices(split)
                 idx = idx[stratified_subset(data.y.numpy()[idx], s.max_samples, derive_seed(seed, 60, si))]
                 g = torch.Generator().manual_seed(derive_seed(seed, 61, vi, int(f["fold"]), si))
                 res = random_nps_attack(
-                    model, data.x_attack[idx], [mas], k, s.spacing_mm, nps=nps, generator=g,
+                    model, data.raw[idx], [mas], k, s.spacing_mm, nps=nps, generator=g,
                     hu_per_unit=s.hu_per_unit if getattr(model, "window_hu", None) is None else None,
                     batch_size=s.random.batch_size,
                 )

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from ctharden.core.errors import ConfigError, DataError
 from ctharden.models.files import load_model
 
@@ -118,3 +120,16 @@ def load_model_ref(ref: str | os.PathLike[str]) -> tuple[Any, dict[str, Any]]:
         raise DataError(f"{ref}: run {run_id} has no {MODEL_FILE_ARTIFACT}/model.pt ({exc.message})") from None
     model, meta = load_model(local)
     return model, {**meta, "mlflow_run_id": run_id}
+
+
+def log_pytorch_model(model: torch.nn.Module, example: torch.Tensor) -> None:
+    """Log the model to MLflow (pt2 format, signature from a batch-of-2 input example)."""
+    import mlflow
+    from mlflow.models import infer_signature
+
+    model = model.cpu().eval()
+    x = example.cpu().float()
+    with torch.no_grad():
+        y = model(x)
+    mlflow.pytorch.log_model(model, name="model", input_example=x.numpy(),
+                             signature=infer_signature(x.numpy(), y.numpy()))
