@@ -31,7 +31,7 @@ serve: data
 
 # Static checks: ruff, the import contracts of pyproject.toml (layers point one way, no cycles), mypy.
 lint: install
-	ruff check src tests flows benchmarks
+	ruff check src tests flows benchmarks tools
 	lint-imports
 	mypy
 

@@ -81,7 +81,7 @@ def _backbone(model: nn.Module) -> nn.Module:
 
 
 def _convs(model: nn.Module) -> list[nn.Module]:
-    convs = [m for m in _backbone(model).modules() if isinstance(m, _CONVS)]
+    convs: list[nn.Module] = [m for m in _backbone(model).modules() if isinstance(m, _CONVS)]
     if not convs:
         raise ValueError(f"{type(model).__name__}: no Conv2d/Conv3d layer found in its backbone")
     return convs
@@ -138,6 +138,7 @@ class _ChainTracer:
         x = inputs[0] if inputs else None
         if (
             isinstance(module, _NORMS + _ACTS)
+            and isinstance(x, Tensor)
             and x is self._handed
             and x._version == self._version
         ):
@@ -346,6 +347,6 @@ def save_attention_figure(
     fig.suptitle(f"{getattr(model, 'arch', type(model).__name__)}: attention ({where})", fontsize=9)
 
     buf = io.BytesIO()
-    FigureCanvasAgg(fig).print_png(buf, metadata=_PNG_METADATA)
+    FigureCanvasAgg(fig).print_png(buf, metadata=_PNG_METADATA)  # type: ignore[no-untyped-call]
     return atomic_write_bytes(Path(path), buf.getvalue())
 

@@ -193,7 +193,8 @@ def pgd_samples(data: ArraySet, settings: RobustnessSettings, seed: int) -> np.n
     idx = data.indices("test")
     if len(idx) == 0:
         raise DataError("the dataset's test split is empty")
-    return idx[stratified_subset(data.y.numpy()[idx], settings.pgd.max_samples, derive_seed(seed, 40))]
+    picked: np.ndarray = idx[stratified_subset(data.y.numpy()[idx], settings.pgd.max_samples, derive_seed(seed, 40))]
+    return picked
 
 
 def pgd_norm_run(
@@ -312,6 +313,7 @@ def example_visuals(
             n_iter=settings.optimized.n_iter, nps=nps_model, generator=g, return_perturbations=True,
             **_nps_inputs(model, settings),
         )
+        assert opt.perturbations is not None  # asked for with return_perturbations=True
         p_opt = opt.perturbations[mas][0, 0][None]
         x_opt = to_input(xa, p_opt)
         adv, eps_used = x0, None

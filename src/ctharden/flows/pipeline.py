@@ -87,9 +87,7 @@ CACHE = INPUTS + TASK_SOURCE
 
 def code_fingerprint() -> str:
     """SHA-256 of the package's source files: a code change invalidates every cached stage."""
-    import ctharden
-
-    root = Path(ctharden.__file__).parent
+    root = Path(__file__).resolve().parents[1]  # the ctharden package directory
     h = hashlib.sha256()
     for f in sorted(root.rglob("*.py")):
         h.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes())

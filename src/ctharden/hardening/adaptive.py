@@ -336,7 +336,7 @@ class BaselineLoss:
         return loss, {"accuracy": acc}
 
 
-class _IndexedTensors(Dataset):
+class _IndexedTensors(Dataset[Any]):
     """``i -> (x[i], y[i], i)``."""
 
     def __init__(self, x: Tensor, y: Tensor) -> None:

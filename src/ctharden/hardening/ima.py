@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -35,8 +36,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from ctharden.attacks.bpgd import BPGDResult, bpgd
-from ctharden.attacks.common import attack_mode
-from ctharden.attacks.pgd import NORMS
+from ctharden.attacks.common import NORMS, attack_mode
 from ctharden.core.errors import ConfigError
 from ctharden.hardening.objectives import ce_sum, dataset_size, fit_with, indexed_batches, resolve_device
 
@@ -60,7 +60,7 @@ class IMALoss:
 
     def __init__(self, n: int, *, eps_max: float, delta: float, norm: str, beta: float, n_pgd: int, n_binary: int,
                  clip: tuple[float, float] | None, margin_update: str = "batch",
-                 loader: DataLoader | None = None, device: torch.device | None = None) -> None:
+                 loader: DataLoader[Any] | None = None, device: torch.device | None = None) -> None:
         self.state = IMAState(torch.full((n,), delta, dtype=torch.float32), eps_max, delta)
         self.pending = self.state.margins.clone()
         self.norm, self.beta, self.n_pgd, self.n_binary, self.clip = norm, beta, n_pgd, n_binary, clip
@@ -108,7 +108,7 @@ class IMALoss:
 
 def fit(
     model: nn.Module,
-    loader: DataLoader,
+    loader: DataLoader[Any],
     *,
     eps_max: float,
     norm: str = "l2",

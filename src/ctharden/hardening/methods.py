@@ -36,7 +36,7 @@ from ctharden.evaluation.clean import binary_metrics
 from ctharden.evaluation.robustness import stratified_subset
 from ctharden.hardening import ima
 from ctharden.hardening.adaptive import adaptive_train
-from ctharden.hardening.objectives import AdvPGD, NPSNoise, RandNoise, Trades, fit_with
+from ctharden.hardening.objectives import AdvPGD, BatchLoss, NPSNoise, RandNoise, Trades, fit_with
 from ctharden.models.predict import predict_scores
 from ctharden.noise.config import noise_model
 from ctharden.training.data import balanced_sampler
@@ -77,7 +77,7 @@ def hardening_data(data: ArraySet, selected_fold: int) -> HardenData:
     return HardenData(train, val, test, data)
 
 
-def make_loader(data: ArraySet, batch_size: int, seed: int) -> DataLoader:
+def make_loader(data: ArraySet, batch_size: int, seed: int) -> DataLoader[Any]:
     """``(x, y, idx)`` batches, class-balanced sampling (as the baseline), reproducible from ``seed``."""
     ds = TensorDataset(data.x, data.y, torch.arange(len(data)))
     return DataLoader(ds, batch_size=batch_size, sampler=balanced_sampler(data.y, seed))
@@ -122,6 +122,7 @@ def harden_model(
     info: dict[str, Any] = {"method": method, "eps": e, "norm": hs.norm, "epochs": hs.epochs,
                             "n_train": len(data.train)}
     if method == "ima":
+        assert e is not None  # method_eps gives IMA its eps_max
         states: list[Any] = []
         _, margins = ima.fit(model, loader, eps_max=e, norm=hs.norm, epochs=hs.epochs, beta=hs.ima_beta,
                              n_pgd=hs.n_pgd, n_binary=hs.ima_n_binary, optimizer=opt, on_epoch=on_epoch, state=states)
@@ -139,11 +140,17 @@ def harden_model(
         info["adaptive"] = res.to_dict()
         info["tables_markdown"] = res.tables()
     else:
+        loss: BatchLoss
+        if method in EPS_METHODS and e is None:
+            raise ConfigError(f"method {method!r} needs a training eps")
         if method == "adv":
+            assert e is not None
             loss = AdvPGD(e, hs.norm, n_pgd=hs.n_pgd, alpha=hs.alpha)
         elif method == "rand":
+            assert e is not None
             loss = RandNoise(e, hs.norm)
         elif method == "trades":
+            assert e is not None
             loss = Trades(e, hs.norm, beta=hs.trades_beta, n_pgd=hs.n_pgd, alpha=hs.alpha)
         elif method == "nps":
             if noise is None:

@@ -32,9 +32,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from ctharden.attacks.common import ascent_direction, attack_mode, batch_view, project, random_in_ball
+from ctharden.attacks.common import NORMS, ascent_direction, attack_mode, batch_view, project, random_in_ball
 from ctharden.attacks.losses import AttackError, OutputAdapter, ce_loss, infer_adapter
-from ctharden.attacks.pgd import NORMS, pgd
+from ctharden.attacks.pgd import pgd
 from ctharden.core.errors import ConfigError
 from ctharden.noise import sample_nps_noise
 
@@ -56,10 +56,10 @@ class BatchLoss(Protocol):
 # data
 
 
-class _Indexed(Dataset):
+class _Indexed(Dataset[Any]):
     """Adds the dataset index to items that are ``(x, y)``."""
 
-    def __init__(self, base: Dataset) -> None:
+    def __init__(self, base: Dataset[Any]) -> None:
         self.base = base
 
     def __len__(self) -> int:
@@ -69,7 +69,7 @@ class _Indexed(Dataset):
         return (*self.base[i], i)
 
 
-def dataset_size(loader: DataLoader) -> int:
+def dataset_size(loader: DataLoader[Any]) -> int:
     """Number of samples in the loader's dataset (margins are indexed over it)."""
     try:
         return len(loader.dataset)  # type: ignore[arg-type]
@@ -77,16 +77,16 @@ def dataset_size(loader: DataLoader) -> int:
         raise ConfigError("the DataLoader's dataset must have a length (map-style dataset)") from None
 
 
-def _yields_pairs(loader: DataLoader) -> bool:
+def _yields_pairs(loader: DataLoader[Any]) -> bool:
     """Do the loader's items look like ``(x, y)`` (no index)? Peeks at ``dataset[0]`` only."""
     try:
-        item = loader.dataset[0]  # type: ignore[index]
+        item = loader.dataset[0]
     except (TypeError, IndexError, NotImplementedError, KeyError):
         return False
     return isinstance(item, (tuple, list)) and len(item) == 2
 
 
-def indexed_batches(loader: DataLoader) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+def indexed_batches(loader: DataLoader[Any]) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
     """``(x, y, idx)`` batches from a loader yielding ``(x, y)``, ``(x, y, idx)`` or ctharden's
     ``(x, y, target, idx)``. For ``(x, y)`` items the loader is rebuilt over an indexed view of its
     dataset with the *same* batch sampler (and worker settings) before anything is drawn, so the
@@ -277,7 +277,7 @@ def resolve_device(model: nn.Module, device: torch.device | str | None) -> torch
 
 def fit_with(
     model: nn.Module,
-    loader: DataLoader,
+    loader: DataLoader[Any],
     method: BatchLoss,
     *,
     epochs: int,
@@ -307,7 +307,7 @@ def fit_with(
             loss, stats = method(model, x, y, idx)
             if not torch.isfinite(loss):
                 raise AttackError(f"{method.name}: non-finite training loss at epoch {epoch}")
-            loss.backward()
+            loss.backward()  # type: ignore[no-untyped-call]  # torch leaves Tensor.backward unannotated
             opt.step()
             for k, v in {"loss": loss.item(), **stats}.items():
                 sums[k] = sums.get(k, 0.0) + v * len(x)

@@ -15,6 +15,10 @@ from ctharden.gate.pr_check import committed_json, dvc_metrics_diff, regressions
 from ctharden.stages.gate import gate_variants
 
 
+def _fmt(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.4g}"
+
+
 def ci_gate(params: Mapping[str, Any], base: str, *, variant: str = "auto", repo: str | Path = ".") -> dict[str, Any]:
     """Run the gate and the regression check against ``base``; returns ``{"passed", "gated",
     "regressions": {variant: {job: rows}}, "failures": [...], "markdown"}``."""
@@ -44,9 +48,8 @@ def ci_gate(params: Mapping[str, Any], base: str, *, variant: str = "auto", repo
     for v, jobs in compared.items():
         for job, rows in jobs.items():
             for r in rows:
-                fmt = lambda x: "n/a" if x is None else f"{x:.4g}"  # noqa: E731
-                md.append(f"| {job} | {v} | `{r['criterion']}` | {fmt(r['base'])} | {fmt(r['head'])} | "
-                          f"{fmt(r['worse_by'])} | {r['tolerance']:g} | {'**REGRESSED**' if r['regressed'] else 'ok'} |")
+                md.append(f"| {job} | {v} | `{r['criterion']}` | {_fmt(r['base'])} | {_fmt(r['head'])} | "
+                          f"{_fmt(r['worse_by'])} | {r['tolerance']:g} | {'**REGRESSED**' if r['regressed'] else 'ok'} |")
     md += [f"- {n}" for n in notes]
     md += ["", f"### `dvc metrics diff {base}`", "", dvc_metrics_diff(repo, base), "",
            f"**{'PASSED' if not failures else 'FAILED'}**" + ("" if not failures else ": " + "; ".join(failures)),

@@ -25,6 +25,7 @@ import dataclasses
 import logging
 import time
 from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -147,7 +148,7 @@ def write_job_figures(result: dict[str, Any], visuals: dict[str, Any], model: to
     return figs
 
 
-def log_to_mlflow(params: dict[str, Any], result: dict[str, Any], files: list[Path]) -> str | None:
+def log_to_mlflow(params: dict[str, Any], result: dict[str, Any], files: Sequence[Path | None]) -> str | None:
     """Log the job's headline metrics, result JSON and report files to its MLflow training run."""
     import mlflow
 
@@ -162,7 +163,7 @@ def log_to_mlflow(params: dict[str, Any], result: dict[str, Any], files: list[Pa
             if f is not None and Path(f).is_file():
                 mlflow.log_artifact(str(f), ROBUSTNESS_ARTIFACTS)
         mlflow.set_tag("ctharden.robustness.sanity_passed", str(result["sanity_passed"]))
-    return run_id
+    return str(run_id)
 
 
 def write_report(rep: Path, results: dict[str, dict[str, Any]],

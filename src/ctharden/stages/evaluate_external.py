@@ -67,7 +67,7 @@ def evaluate_model(
         )
     data = load_arrayset(dataset_dir, model)
     if split != "all":
-        data = data.subset((data.manifest["split"] == split).to_numpy())
+        data = data.subset(data.split == split)
         if len(data) == 0:
             raise DataError(f"{dataset_dir}: split {split!r} is empty")
     runtime = select_runtime(device, precision)

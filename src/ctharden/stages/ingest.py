@@ -24,7 +24,7 @@ def run(params: dict[str, Any], name: str) -> IngestResult:
     spec = dataset_spec(params, name)
     kind = spec.pop("kind", None)
     out = dataset_dir(params, name)
-    common = {
+    common: dict[str, Any] = {
         "test_fraction": float(section(params, "split.test_fraction")),
         "n_folds": int(section(params, "split.n_folds")),
         "seed": int(section(params, "seed")),

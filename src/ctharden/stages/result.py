@@ -113,7 +113,8 @@ class HardenResult(StageResult):
 
     @property
     def run_id(self) -> str | None:
-        return self.record["mlflow"]["run_id"]
+        run_id = self.record["mlflow"]["run_id"]
+        return None if run_id is None else str(run_id)
 
     @property
     def eps(self) -> float | None:

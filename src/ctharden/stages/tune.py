@@ -77,7 +77,7 @@ def tune_job(params: dict[str, Any], job: str, *, log_mlflow: bool = True) -> di
         raise ConfigError(f"job {job!r} has a single fold: the ε search needs the selected model's validation "
                           "fold (set split.n_folds >= 2)")
     if hs.method not in EPS_METHODS:
-        result = {"job": job, "method": hs.method, "eps": None, "skipped": f"method {hs.method!r} has no training ε"}
+        result: dict[str, Any] = {"job": job, "method": hs.method, "eps": None, "skipped": f"method {hs.method!r} has no training ε"}
         atomic_write_json(paths["metrics"], result)
         return result
     noise = noise_context(params, job, baseline, int(data.train.x.shape[-1])) if hs.method == "nps" else None
