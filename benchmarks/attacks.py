@@ -24,8 +24,9 @@ within a round; samples/s are the best round, "x torchattacks" is the ratio of b
 
    Success rate = share of samples whose fp32 eval-mode prediction on the returned input is wrong
    (computed here for torchattacks; ``broken`` for ours). torchattacks returns the last iterate,
-   ours the worst iterate of the run, so (b) can break a sample that (a) reaches and then leaves. ε comes from a short 10-step sweep so
-   that success is partial; a second, larger ε breaks most samples (where early stop shines).
+   ours the worst iterate of the run, so (b) can break a sample that (a) reaches and then leaves. ε comes
+   from a short 10-step sweep so that success is partial; a second, larger ε breaks most samples (where
+   early stop shines).
    **Goal: (d) ≥ 3× torchattacks' samples/s at the same or higher success.**
    torchattacks is installed only for this benchmark: ``pip install --no-deps torchattacks``; the
    section is skipped (with that hint) when it is missing.

@@ -2,9 +2,10 @@
 
 Every method trains its own copy of the same initial weights (own Adam; lr 1e-4 for the CNN cases,
 see :func:`cnn_case`) on the same data in this one process, through the same loop
-(:func:`ctharden.hardening.objectives.fit_with`), one epoch per timed call; methods are interleaved within a round (order rotated each round) after one untimed
-warm-up epoch each. The reported ratio is the **median over rounds of the per-round ratio**
-(a shared machine drifts; a ratio within one round cancels most of it); seconds are medians.
+(:func:`ctharden.hardening.objectives.fit_with`), one epoch per timed call; methods are interleaved
+within a round (order rotated each round) after one untimed warm-up epoch each. The reported ratio
+is the **median over rounds of the per-round ratio** (a shared machine drifts; a ratio within one
+round cancels most of it); seconds are medians.
 
 - "ce": clean cross-entropy (reference for the cost of a plain epoch).
 - "adv ε": 20-PGD (α = 4) adversarial training (:class:`~ctharden.hardening.objectives.AdvPGD`).
@@ -179,7 +180,8 @@ def print_case(case: Case, res: dict[str, dict]) -> list[str]:
     print(f"  {'method':<14}{'s/epoch':>10}{'x ce':>8}{'x adv':>8}{'acc after':>11}   IMA: right / boundary found")
     for r in res.values():
         f = "" if r["found"] is None else f"{r['correct']:.0%} / {r['found']:.0%}"
-        print(f"  {r['label']:<14}{r['seconds']:>10.3f}{r['vs_ce']:>8.2f}{r['vs_adv']:>8.2f}{r['acc_after']:>11.0%}   {f}")
+        print(f"  {r['label']:<14}{r['seconds']:>10.3f}{r['vs_ce']:>8.2f}{r['vs_adv']:>8.2f}"
+              f"{r['acc_after']:>11.0%}   {f}")
     worst = max(res["ima"]["vs_adv"], res["ima_max"]["vs_adv"])
     verdict = "meets" if worst <= 1.3 else "MISSES"
     line = (f"{case.name}: IMA/adv epoch time {res['ima']['vs_adv']:.2f}x (E=Δε), {res['ima_max']['vs_adv']:.2f}x "

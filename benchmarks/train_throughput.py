@@ -100,7 +100,9 @@ def make_step(model: CTClassifier, setting: Setting, x: torch.Tensor, y: torch.T
         with torch.autocast(device.type, dtype=setting.amp, enabled=setting.amp is not None):
             out = fwd(x)
         out = out.float()
-        loss = F.binary_cross_entropy_with_logits(out, target) if model.output == "logit" else F.cross_entropy(out, target)
+        loss = (
+            F.binary_cross_entropy_with_logits(out, target) if model.output == "logit" else F.cross_entropy(out, target)
+        )
         opt.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()
@@ -187,7 +189,8 @@ def fastest(results: dict[str, dict]) -> str:
 
 def learning_check(device: torch.device, amp: torch.dtype | None, steps: int) -> None:
     """fp32 vs low-precision autocast from the same weights on a separable toy task."""
-    print(f"\nLearning check (nodule3d width 16, 32 cubes of 32³, a bright blob marks the positives, {steps} Adam steps)")
+    print(f"\nLearning check (nodule3d width 16, 32 cubes of 32³, a bright blob marks the positives, "
+          f"{steps} Adam steps)")
     g = torch.Generator().manual_seed(0)
     x = torch.rand(32, 32, 32, 32, generator=g) * 0.3
     y = torch.arange(32) % 2
@@ -209,7 +212,8 @@ def learning_check(device: torch.device, amp: torch.dtype | None, steps: int) ->
             losses.append(loss.item())
         with torch.no_grad():
             acc = (predicted_label(model.eval()(x), "logit") == y).float().mean().item()
-        print(f"  {label:<5} loss {losses[0]:.3f} -> {losses[-1]:.3f} (min {min(losses):.3f}), train accuracy {acc:.2f}")
+        print(f"  {label:<5} loss {losses[0]:.3f} -> {losses[-1]:.3f} (min {min(losses):.3f}), "
+              f"train accuracy {acc:.2f}")
 
 
 def main() -> None:

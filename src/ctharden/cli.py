@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -16,9 +17,11 @@ import click
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 from rich.table import Table
 
 from ctharden.config.params import load_params
+from ctharden.config.schema import ingest_defaults
 from ctharden.core.errors import CthardenError, GateFailed
 from ctharden.stages.result import EvaluateResult, TrainResult
 
@@ -32,11 +35,21 @@ stage_app = typer.Typer(help="Pipeline stages configured by params.yaml (what dv
                         no_args_is_help=True)
 app.add_typer(ingest_app, name="ingest")
 app.add_typer(stage_app, name="stage")
-study_app = typer.Typer(help="Studies that reproduce the papers' protocols on the configured data.", no_args_is_help=True)
+study_app = typer.Typer(help="Studies that reproduce the papers' protocols on the configured data.",
+                        no_args_is_help=True)
 app.add_typer(study_app, name="study")
 
 out_console = Console()
 err_console = Console(stderr=True)
+
+# The ingest commands' defaults: params.yaml's top level (the default profile), as `ctharden stage ingest`
+# uses them; the schema's field defaults where there is no params.yaml (ctharden.config.schema.ingest_defaults).
+LIDC_DEFAULTS = ingest_defaults("lidc")
+COVID_DEFAULTS = ingest_defaults("covid")
+SYNTHETIC_DEFAULTS = ingest_defaults("synthetic")
+_SEED_HELP = "default: params.yaml seed"
+_TEST_HELP = "Held-out test share (default: params.yaml split.test_fraction)."
+_FOLDS_HELP = "Cross-validation folds over the rest (default: params.yaml split.n_folds)."
 
 
 class _State:
@@ -97,12 +110,17 @@ def ingest_lidc_cmd(
     root: Annotated[Path, typer.Option(help="LIDC-IDRI tree (TCIA layout or any tree of DICOM + XML).")],
     out: Annotated[Path | None, typer.Option(help="Dataset directory to write.")] = None,
     count_only: Annotated[bool, typer.Option(help="Only count nodules per filter from the XML.")] = False,
-    cube_size: Annotated[int, typer.Option(help="Cube side in voxels.")] = 32,
-    centroid_tol_mm: Annotated[float, typer.Option(help="Grouping: max centroid distance (mm).")] = 5.0,
-    strict: Annotated[bool, typer.Option(help="An XML whose DICOM series is absent is an error.")] = False,
-    seed: Annotated[int, typer.Option(help="Split seed.")] = 0,
-    test_fraction: Annotated[float, typer.Option(help="Held-out test share.")] = 0.2,
-    n_folds: Annotated[int, typer.Option(help="Cross-validation folds over the rest.")] = 5,
+    cube_size: Annotated[int, typer.Option(
+        help="Cube side in voxels (default: params.yaml's lidc dataset cube_size).")] = LIDC_DEFAULTS["cube_size"],
+    centroid_tol_mm: Annotated[float, typer.Option(
+        help="Grouping: max centroid distance in mm (default: params.yaml's lidc dataset centroid_tol_mm)."
+    )] = LIDC_DEFAULTS["centroid_tol_mm"],
+    strict: Annotated[bool, typer.Option(
+        help="An XML whose DICOM series is absent is an error (default: params.yaml's lidc dataset strict)."
+    )] = LIDC_DEFAULTS["strict"],
+    seed: Annotated[int, typer.Option(help=f"Split seed ({_SEED_HELP}).")] = LIDC_DEFAULTS["seed"],
+    test_fraction: Annotated[float, typer.Option(help=_TEST_HELP)] = LIDC_DEFAULTS["test_fraction"],
+    n_folds: Annotated[int, typer.Option(help=_FOLDS_HELP)] = LIDC_DEFAULTS["n_folds"],
 ) -> None:
     """LIDC-IDRI (DICOM + reader XML) -> 32³ 1 mm nodule cubes in HU, labelled by mean malignancy."""
     from ctharden.data.lidc import count_lidc, ingest_lidc
@@ -123,12 +141,17 @@ def ingest_lidc_cmd(
 def ingest_covid_cmd(
     root: Annotated[Path, typer.Option(help="COVID/ + non-COVID/ (Soares) or CT_COVID/ + CT_NonCOVID/ (UCSD).")],
     out: Annotated[Path, typer.Option(help="Dataset directory to write.")],
-    size: Annotated[int, typer.Option(help="Output size in pixels (square).")] = 224,
-    block_size: Annotated[int, typer.Option(help="Soares: neighbouring file numbers per pseudo-patient.")] = 25,
-    skip_bad: Annotated[bool, typer.Option(help="Skip undecodable images (counted) instead of failing.")] = False,
-    seed: Annotated[int, typer.Option(help="Split seed.")] = 0,
-    test_fraction: Annotated[float, typer.Option(help="Held-out test share.")] = 0.2,
-    n_folds: Annotated[int, typer.Option(help="Cross-validation folds over the rest.")] = 5,
+    size: Annotated[int, typer.Option(
+        help="Output size in pixels, square (default: params.yaml's covid dataset size).")] = COVID_DEFAULTS["size"],
+    block_size: Annotated[int, typer.Option(
+        help="Soares: neighbouring file numbers per pseudo-patient (default: params.yaml's covid dataset block_size)."
+    )] = COVID_DEFAULTS["block_size"],
+    skip_bad: Annotated[bool, typer.Option(
+        help="Skip undecodable images (counted) instead of failing (default: params.yaml's covid dataset skip_bad)."
+    )] = COVID_DEFAULTS["skip_bad"],
+    seed: Annotated[int, typer.Option(help=f"Split seed ({_SEED_HELP}).")] = COVID_DEFAULTS["seed"],
+    test_fraction: Annotated[float, typer.Option(help=_TEST_HELP)] = COVID_DEFAULTS["test_fraction"],
+    n_folds: Annotated[int, typer.Option(help=_FOLDS_HELP)] = COVID_DEFAULTS["n_folds"],
 ) -> None:
     """COVID-CT slices -> single-channel [0,1] images with patient-safe splits."""
     from ctharden.data.covid import ingest_covid
@@ -144,12 +167,17 @@ def ingest_covid_cmd(
 def ingest_synthetic_cmd(
     task: Annotated[str, typer.Option(help="nodule3d (HU cubes) or covid2d ([0,1] slices).")],
     out: Annotated[Path, typer.Option(help="Dataset directory to write.")],
-    n: Annotated[int, typer.Option(help="Number of phantoms.")] = 200,
-    seed: Annotated[int, typer.Option(help="Generator and split seed.")] = 0,
-    size: Annotated[int, typer.Option(help="covid2d image size (pixels).")] = 224,
-    malignant_fraction: Annotated[float, typer.Option(help="Share of positive samples.")] = 0.35,
-    test_fraction: Annotated[float, typer.Option(help="Held-out test share.")] = 0.2,
-    n_folds: Annotated[int, typer.Option(help="Cross-validation folds over the rest.")] = 5,
+    n: Annotated[int, typer.Option(
+        help="Number of phantoms (default: params.yaml's synthetic dataset n).")] = SYNTHETIC_DEFAULTS["n"],
+    seed: Annotated[int, typer.Option(help=f"Generator and split seed ({_SEED_HELP}).")] = SYNTHETIC_DEFAULTS["seed"],
+    size: Annotated[int, typer.Option(
+        help="covid2d image size in pixels (default: params.yaml's synthetic dataset size)."
+    )] = SYNTHETIC_DEFAULTS["size"],
+    malignant_fraction: Annotated[float, typer.Option(
+        help="Share of positive samples (default: params.yaml's synthetic dataset malignant_fraction)."
+    )] = SYNTHETIC_DEFAULTS["malignant_fraction"],
+    test_fraction: Annotated[float, typer.Option(help=_TEST_HELP)] = SYNTHETIC_DEFAULTS["test_fraction"],
+    n_folds: Annotated[int, typer.Option(help=_FOLDS_HELP)] = SYNTHETIC_DEFAULTS["n_folds"],
 ) -> None:
     """Synthetic CT-like phantoms (labelled source=synthetic) for running without LIDC."""
     from ctharden.data.synthetic import generate_synthetic
@@ -183,7 +211,9 @@ def validate_cmd(
 
 @app.command("train")
 def train_cmd(
-    jobs: Annotated[list[str] | None, typer.Argument(help="Training jobs from params.yaml `train.jobs` (default: all).")] = None,
+    jobs: Annotated[
+        list[str] | None, typer.Argument(help="Training jobs from params.yaml `train.jobs` (default: all).")
+    ] = None,
 ) -> None:
     """Train configured jobs: k-fold CV, model selection on validation, test metrics, MLflow runs
     (``ctharden stage train`` for each job)."""
@@ -210,7 +240,8 @@ def evaluate_cmd(
         list[str] | None, typer.Argument(help="Trained jobs to evaluate for robustness (default: all in train.jobs).")
     ] = None,
     model: Annotated[
-        str | None, typer.Option(help="Instead of jobs: model file, MLflow run id, runs:/ID or models:/NAME/VERSION|@ALIAS.")
+        str | None,
+        typer.Option(help="Instead of jobs: model file, MLflow run id, runs:/ID or models:/NAME/VERSION|@ALIAS."),
     ] = None,
     data: Annotated[Path | None, typer.Option(help="With --model: dataset directory (any source).")] = None,
     split: Annotated[str, typer.Option(help="With --model --clean-only: all | train | test")] = "all",
@@ -218,12 +249,16 @@ def evaluate_cmd(
         Path | None, typer.Option(help="With --model: the dataset's validation dir; default: validate now.")
     ] = None,
     out: Annotated[Path | None, typer.Option(help="With --model: write the metrics JSON here.")] = None,
-    plots: Annotated[Path | None, typer.Option(help="With --model --clean-only: write ROC/confusion plots here.")] = None,
+    plots: Annotated[
+        Path | None, typer.Option(help="With --model --clean-only: write ROC/confusion plots here.")
+    ] = None,
     clean_only: Annotated[bool, typer.Option(help="With --model: clean metrics only (no attacks).")] = False,
     settings_of: Annotated[
         str | None, typer.Option("--settings-of", help="With --model: use this job's robustness settings.")
     ] = None,
-    report: Annotated[Path | None, typer.Option(help="With --model: write the robustness report here (a directory).")] = None,
+    report: Annotated[
+        Path | None, typer.Option(help="With --model: write the robustness report here (a directory).")
+    ] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
 ) -> None:
     """Robustness evaluation: random/optimised NPS attacks (SAN/SAR), 100-PGD with sanity checks, report.
@@ -292,9 +327,12 @@ def stage_train(job: Annotated[str, typer.Argument(help="Training job from param
 
 @study_app.command("architectures")
 def study_architectures(
-    job: Annotated[str, typer.Option(help="Base training job whose data and settings every variant uses.")] = "nodule3d",
+    job: Annotated[
+        str, typer.Option(help="Base training job whose data and settings every variant uses.")
+    ] = "nodule3d",
     variants: Annotated[
-        str | None, typer.Option(help="Comma-separated architectures (default: the Table 3 variants of the job's arch).")
+        str | None,
+        typer.Option(help="Comma-separated architectures (default: the Table 3 variants of the job's arch)."),
     ] = None,
     mas: Annotated[float, typer.Option(help="mAs level of the random NPS attacks.")] = 100.0,
     k: Annotated[int | None, typer.Option(help="Perturbations per sample (default: robustness random.k).")] = None,
@@ -337,7 +375,9 @@ def study_moons(
 
 @stage_app.command("evaluate")
 def stage_evaluate(
-    hardened: Annotated[bool, typer.Option("--hardened", help="Evaluate the harden stage's models, next to the baselines.")] = False,
+    hardened: Annotated[
+        bool, typer.Option("--hardened", help="Evaluate the harden stage's models, next to the baselines.")
+    ] = False,
 ) -> None:
     """Robustness evaluation of every trained (or hardened) job and the report (a dvc.yaml stage)."""
     from ctharden.stages import evaluate
@@ -363,7 +403,8 @@ def stage_tune(
         best = res["best_trial"]
         ok = "" if out.feasible else "  [bold red](no trial met the clean-AUC floor)[/]"
         out_console.print(f"{name}: {res['method']} ε = {out.eps:.4g} (robust acc {best['robust_accuracy']:.3f}, "
-                          f"clean AUC {best['clean_auc']:.3f}; {len(res['trials'])} trials, {res['seconds']:.0f} s){ok}")
+                          f"clean AUC {best['clean_auc']:.3f}; {len(res['trials'])} trials, "
+                          f"{res['seconds']:.0f} s){ok}")
 
 
 @stage_app.command("harden")
@@ -402,7 +443,7 @@ def stage_validate(name: Annotated[str, typer.Argument(help="Dataset name from p
     out_console.print(validate.summarize({name: validate.run(state.params(), name).to_json()}))
 
 
-def _print_gate(gated: dict[str, Any]) -> None:
+def _print_gate(gated: Mapping[str, Any]) -> None:
     """One table per job: every criterion, its threshold, and each gated variant's value and verdict."""
     jobs = list(dict.fromkeys(job for entries in gated.values() for job in entries))
     for job in jobs:
@@ -430,7 +471,8 @@ def gate_cmd(
     variant: Annotated[str, typer.Option(
         help="baseline | hardened | all | auto (hardened when evaluated, else baseline).")] = "auto",
     no_fail: Annotated[bool, typer.Option(
-        "--no-fail", help="Record the verdicts and exit 0 even when a model fails (the pipeline's gate stage).")] = False,
+        "--no-fail",
+        help="Record the verdicts and exit 0 even when a model fails (the pipeline's gate stage).")] = False,
 ) -> None:
     """Robustness gate: check each evaluated model against params.yaml `gate`, write metrics/gate.json,
     print every criterion, and exit non-zero if a gated model fails (a dvc.yaml stage)."""
@@ -504,7 +546,7 @@ def main() -> None:
     try:
         app(standalone_mode=False)
     except CthardenError as exc:
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(1)
     except click.exceptions.Abort:
         err_console.print("aborted")

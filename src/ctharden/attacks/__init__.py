@@ -10,11 +10,11 @@ Inputs and ε are in model-input units (``[0, 1]``; see :mod:`ctharden.models.wr
 adapters (``rating`` models: ``logit = rating - 3``), :mod:`.sanity` the checks.
 """
 
-from ctharden.attacks.common import STEP_SIZE_FACTOR, attack_mode, default_step_size
+from ctharden.attacks.common import ATTACK_LOSSES, NORMS, STEP_SIZE_FACTOR, attack_mode, default_step_size
 from ctharden.attacks.losses import AttackError, OutputAdapter, attack_loss, infer_adapter
 from ctharden.attacks.nps import NPSAttackResult, NPSLevelResult, optimized_nps_attack, random_nps_attack
 from ctharden.attacks.nps_metrics import san, san_rate, sar_above_curve, sar_from_counts
-from ctharden.attacks.pgd import ATTACK_LOSSES, NORMS, fgsm, pgd, predict_broken, robust_accuracy_curve
+from ctharden.attacks.pgd import fgsm, pgd, predict_broken, robust_accuracy_curve
 from ctharden.attacks.sanity import CHECKS, SanityReport, run_sanity_checks
 
 __all__ = [

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from ctharden.attacks.common import (
+    NORMS,
     ascent_direction,
     attack_mode,
     batch_view,
@@ -43,7 +44,6 @@ from ctharden.attacks.common import (
     project,
 )
 from ctharden.attacks.losses import attack_loss
-from ctharden.attacks.pgd import NORMS
 
 BPGD_ALPHA = 4.0  # ma 2020, section 3: "α in PGD is 4"
 

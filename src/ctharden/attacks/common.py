@@ -7,15 +7,16 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
 
 from ctharden.attacks.losses import AttackError, OutputAdapter, infer_adapter
+from ctharden.config import choices
 
-NORMS: tuple[str, ...] = ("linf", "l2")
-ATTACK_LOSSES: tuple[str, ...] = ("ce", "margin", "both")
+NORMS = choices.NORMS  # defined once in ctharden.config.choices
+ATTACK_LOSSES = choices.ATTACK_LOSSES
 # default step: factor * eps / steps (see "Step size" in the module docstring)
 STEP_SIZE_FACTOR: dict[str, float] = {"linf": 2.5, "l2": 5.0}
 
@@ -52,7 +53,7 @@ def param_dtype(model: nn.Module) -> torch.dtype | None:
     return None
 
 
-def autocast_ctx(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
+def autocast_ctx(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager[Any]:
     if device.type not in ("cpu", "cuda"):
         return contextlib.nullcontext()
     if enabled:
@@ -87,7 +88,7 @@ class AttackBatch:
 def check_choice(name: str, value: Any, choices: Sequence[str]) -> str:
     if value not in choices:
         raise AttackError(f"{name} must be one of {list(choices)}, got {value!r}")
-    return value
+    return cast(str, value)  # one of ``choices``
 
 
 def check_int(name: str, value: Any, minimum: int) -> int:

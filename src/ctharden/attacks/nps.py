@@ -80,7 +80,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, cast
 
 import numpy as np
 import torch
@@ -185,6 +185,12 @@ def _level(mas: float, counts: Tensor, k: int) -> NPSLevelResult:
 # inputs
 
 
+class _WindowedModel(Protocol):
+    """A model with its own HU window: ``to_input`` maps HU ``(N, ...)`` to model input ``(N, ...)``."""
+
+    def to_input(self, x: Tensor) -> Tensor: ...
+
+
 class InputMap:
     """``(x, p_hu) -> model input`` (see "Units and inputs" in the module docstring)."""
 
@@ -213,7 +219,7 @@ class InputMap:
 
     def __call__(self, x: Tensor, p: Tensor) -> Tensor:
         if self.mode == "window":
-            return self.model.to_input(x + p)
+            return cast(_WindowedModel, self.model).to_input(x + p)  # mode 'window': to_input is callable
         if self.mode == "display":
             return (x + p / self.hu).clamp(0.0, 1.0)
         return x + p
@@ -349,8 +355,13 @@ def random_nps_attack(
         k=k,
         clean_pred=y0.cpu().numpy(),
         levels={m: _level(m, counts[i], k) for i, m in enumerate(levels)},
-        settings={"mas_levels": levels, "k": k, "spacing_mm": spacing_mm if isinstance(spacing_mm, (int, float)) else list(spacing_mm),
-                  "hu_per_unit": hu_per_unit, "decision": "fp32 label(x+p) != label(x)"},
+        settings={
+            "mas_levels": levels,
+            "k": k,
+            "spacing_mm": spacing_mm if isinstance(spacing_mm, (int, float)) else list(spacing_mm),
+            "hu_per_unit": hu_per_unit,
+            "decision": "fp32 label(x+p) != label(x)",
+        },
     )
 
 

@@ -192,7 +192,9 @@ def _run(
                     trace.loss_first[idx] = lv
                 trace.best_steps.append(best_loss.clone())
             if not last:
-                xa[idx] = project(xs + batch_view(alpha[idx], xs) * ascent_direction(grad, norm), xs0, b.eps[idx], norm, b.clip)
+                xa[idx] = project(
+                    xs + batch_view(alpha[idx], xs) * ascent_direction(grad, norm), xs0, b.eps[idx], norm, b.clip
+                )
             if early_stop:
                 drop = best_broken[idx]
                 if bf16 and bool(drop.any()):  # leave only when the fp32 decision agrees

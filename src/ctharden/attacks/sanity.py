@@ -55,6 +55,8 @@ import torch
 from torch import Tensor, nn
 
 from ctharden.attacks.common import (
+    ATTACK_LOSSES,
+    NORMS,
     attack_mode,
     canonical_forward,
     check_choice,
@@ -67,7 +69,7 @@ from ctharden.attacks.common import (
     use_bf16,
 )
 from ctharden.attacks.losses import AttackError, attack_loss
-from ctharden.attacks.pgd import ATTACK_LOSSES, NORMS, RunTrace, _attack, fgsm
+from ctharden.attacks.pgd import RunTrace, _attack, fgsm
 
 CHECKS: tuple[str, ...] = (
     "budget",
@@ -168,7 +170,7 @@ def _pgd_sweep(
     xs = x.repeat(m, *([1] * (x.dim() - 1)))
     ys = torch.as_tensor(y, device=x.device).repeat(m)
     eps = torch.tensor(eps_values, dtype=torch.float32, device=x.device).repeat_interleave(n)
-    xa, broken, traces = _pgd_traced(model, xs, ys, eps, **kwargs)  # type: ignore[arg-type]
+    xa, broken, traces = _pgd_traced(model, xs, ys, eps, **kwargs)
     out = {}
     for i, e in enumerate(eps_values):
         sl = slice(i * n, (i + 1) * n)

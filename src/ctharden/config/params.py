@@ -4,11 +4,14 @@
 named profiles under ``profiles:``. The active profile is chosen, in order of precedence, by the
 ``--profile`` CLI option, the ``CTHARDEN_PROFILE`` environment variable, or the ``profile:`` key
 (which ``dvc exp run -S profile=paper`` sets). A profile is deep-merged over the top level.
+
+The merged result is validated against the one settings schema (:mod:`ctharden.config.schema`):
+a wrong key, type or value is a :class:`ConfigError` naming the key path. The returned mapping
+is the plain merged dict (the schema only checks it).
 """
 
 from __future__ import annotations
 
-import copy
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -16,21 +19,14 @@ from typing import Any
 
 import yaml
 
+from ctharden.config.merge import deep_merge
+from ctharden.config.schema import validate_params
 from ctharden.core.errors import ConfigError
+
+__all__ = ["DEFAULT_PARAMS", "PROFILE_ENV", "apply_override", "deep_merge", "load_params", "section"]
 
 DEFAULT_PARAMS = Path("params.yaml")
 PROFILE_ENV = "CTHARDEN_PROFILE"
-
-
-def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
-    """Return ``base`` with ``override`` merged in recursively (override wins on leaves)."""
-    out = copy.deepcopy(dict(base))
-    for key, value in override.items():
-        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
-            out[key] = deep_merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
 
 
 def apply_override(params: dict[str, Any], assignment: str) -> None:
@@ -55,7 +51,7 @@ def load_params(
     profile: str | None = None,
     overrides: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """Load ``params.yaml``, apply the active profile then ``overrides``; return a plain dict.
+    """Load ``params.yaml``, apply the active profile then ``overrides``, validate; return a plain dict.
 
     The result carries ``profile`` (the name applied) and drops the ``profiles`` table.
     """
@@ -78,6 +74,7 @@ def load_params(
     raw["profile"] = name
     for assignment in overrides:
         apply_override(raw, assignment)
+    validate_params(raw, where=f"{path.name} (profile {name})")
     return raw
 
 

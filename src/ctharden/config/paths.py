@@ -10,11 +10,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from ctharden.config import choices
 from ctharden.config.params import section
 from ctharden.core.errors import ConfigError
 
 #: The evaluated variants of a job: its trained baseline and its hardened model.
-VARIANTS = ("baseline", "hardened")
+VARIANTS = choices.VARIANTS
 
 
 def dataset_names(params: Mapping[str, Any]) -> list[str]:

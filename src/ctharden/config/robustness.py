@@ -10,36 +10,16 @@ stated in the report).
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from ctharden.config import choices
 from ctharden.config.params import deep_merge, section
+from ctharden.config.schema import RobustnessJob, validate_section
 from ctharden.core.errors import ConfigError
 
-SPLITS = ("train", "test")
-MODEL_SETS = ("selected", "folds")
-
-
-def _num(name: str, value: Any, *, positive: bool = True, integer: bool = False, allow_none: bool = False) -> Any:
-    if value is None and allow_none:
-        return None
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(float(value))
-    if ok and integer:
-        ok = float(value).is_integer()
-    if not ok or (positive and value <= 0) or (not positive and value < 0):
-        kind = "an integer" if integer else "a number"
-        raise ConfigError(f"robustness.{name} must be {kind} {'> 0' if positive else '>= 0'}, got {value!r}")
-    return int(value) if integer else float(value)
-
-
-def _eps_list(name: str, value: Any) -> list[float]:
-    if value is None:
-        return []
-    if not isinstance(value, (list, tuple)):
-        raise ConfigError(f"robustness.{name} must be a list of ε values, got {value!r}")
-    out = sorted({_num(name, v) for v in value})
-    return out
+SPLITS = choices.SPLITS
+MODEL_SETS = choices.MODEL_SETS
 
 
 @dataclass(frozen=True)
@@ -104,76 +84,26 @@ def robustness_config(params: dict[str, Any], job: str) -> dict[str, Any]:
     jobs = rob.get("jobs") or {}
     trained = (params.get("train") or {}).get("jobs") or {}
     if job and job not in jobs and job not in trained:
-        raise ConfigError(f"unknown job {job!r} for robustness settings (configured: {', '.join(sorted(set(jobs) | set(trained)))})")
+        known = ", ".join(sorted(set(jobs) | set(trained)))
+        raise ConfigError(f"unknown job {job!r} for robustness settings (configured: {known})")
     return deep_merge(rob.get("defaults") or {}, jobs.get(job) or {})
 
 
-def _bool(name: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise ConfigError(f"robustness.{name} must be true or false, got {value!r}")
-    return value
-
-
 def parse_settings(cfg: dict[str, Any]) -> RobustnessSettings:
-    """Validate a merged robustness mapping; unknown keys and bad values are :class:`ConfigError`."""
-    known = {"mas_levels", "splits", "models", "max_samples", "spacing_mm", "fov_mm", "hu_per_unit", "random",
-             "optimized", "pgd", "examples"}
-    unknown = set(cfg) - known
-    if unknown:
-        raise ConfigError(f"robustness: unknown keys {sorted(unknown)} (known: {sorted(known)})")
-    levels = cfg.get("mas_levels") or []
-    if not isinstance(levels, (list, tuple)) or not levels:
-        raise ConfigError(f"robustness.mas_levels must be a non-empty list, got {levels!r}")
-    mas = [_num("mas_levels", m) for m in levels]
-    if len(set(mas)) != len(mas):
-        raise ConfigError(f"robustness.mas_levels has duplicates: {levels}")
-    splits = list(cfg.get("splits") or SPLITS)
-    if not splits or any(s not in SPLITS for s in splits):
-        raise ConfigError(f"robustness.splits must be a subset of {list(SPLITS)}, got {splits!r}")
-    models = cfg.get("models", "selected")
-    if models not in MODEL_SETS:
-        raise ConfigError(f"robustness.models must be one of {list(MODEL_SETS)}, got {models!r}")
-
-    def sub(name: str, cls: type, ints: set[str], floats: set[str], bools: set[str], opt: set[str]) -> Any:
-        raw = cfg.get(name) or {}
-        if not isinstance(raw, dict):
-            raise ConfigError(f"robustness.{name} must be a mapping, got {raw!r}")
-        fields = set(cls.__dataclass_fields__)
-        bad = set(raw) - fields
-        if bad:
-            raise ConfigError(f"robustness.{name}: unknown keys {sorted(bad)} (known: {sorted(fields)})")
-        out: dict[str, Any] = {}
-        for key, value in raw.items():
-            label = f"{name}.{key}"
-            if key in ints:
-                out[key] = _num(label, value, integer=True, allow_none=key in opt)
-            elif key in floats:
-                out[key] = _num(label, value, positive=key != "tol", allow_none=key in opt)
-            elif key in bools:
-                out[key] = _bool(label, value)
-            elif key in ("linf", "l2"):
-                out[key] = _eps_list(label, value)
-            elif key == "loss":
-                if value not in ("ce", "margin", "both"):
-                    raise ConfigError(f"robustness.{label} must be ce, margin or both, got {value!r}")
-                out[key] = value
-        return cls(**out)
-
-    rnd = sub("random", RandomSettings, {"k", "batch_size"}, set(), set(), set())
-    opt = sub("optimized", OptimizedSettings, {"restarts", "n_iter", "max_samples", "batch_size"},
-              {"step_sigma", "tol"}, {"autocast"}, {"max_samples"})
-    pgd = sub("pgd", PGDSettings, {"steps", "restarts", "max_samples", "n_random"}, {"tolerance"},
-              {"autocast"}, {"max_samples"})
-    if not pgd.linf and not pgd.l2:
-        raise ConfigError("robustness.pgd needs ε values under linf and/or l2")
+    """A merged robustness mapping validated by the schema (:class:`~ctharden.config.schema.RobustnessJob`);
+    unknown keys and bad values are :class:`ConfigError`. PGD ε lists come out sorted, without repeats."""
+    m = validate_section(RobustnessJob, cfg, ("robustness",))
+    opt, pgd = m.optimized, m.pgd
     return RobustnessSettings(
-        mas_levels=mas, splits=splits, models=models,
-        max_samples=_num("max_samples", cfg.get("max_samples"), integer=True, allow_none=True),
-        spacing_mm=_num("spacing_mm", cfg.get("spacing_mm", 1.0)),
-        hu_per_unit=_num("hu_per_unit", cfg.get("hu_per_unit"), allow_none=True),
-        fov_mm=_num("fov_mm", cfg.get("fov_mm"), allow_none=True),
-        random=rnd, optimized=opt, pgd=pgd,
-        examples=_num("examples", cfg.get("examples", 2), positive=False, integer=True),
+        mas_levels=list(m.mas_levels), splits=list(m.splits or SPLITS), models=m.models, max_samples=m.max_samples,
+        spacing_mm=m.spacing_mm, hu_per_unit=m.hu_per_unit, fov_mm=m.fov_mm,
+        random=RandomSettings(k=m.random.k, batch_size=m.random.batch_size),
+        optimized=OptimizedSettings(restarts=opt.restarts, step_sigma=opt.step_sigma, tol=opt.tol, n_iter=opt.n_iter,
+                                    max_samples=opt.max_samples, batch_size=opt.batch_size, autocast=opt.autocast),
+        pgd=PGDSettings(linf=sorted(set(pgd.linf or ())), l2=sorted(set(pgd.l2 or ())), steps=pgd.steps,
+                        restarts=pgd.restarts, loss=pgd.loss, max_samples=pgd.max_samples, autocast=pgd.autocast,
+                        tolerance=pgd.tolerance, n_random=pgd.n_random),
+        examples=m.examples,
     )
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, cast
 
 import numpy as np
 import pandas as pd
@@ -24,6 +24,12 @@ from ctharden.core.errors import DataError
 from ctharden.data.dataset import load_arrays, read_info, read_manifest
 
 RATING_COLUMN = "malignancy_mean"
+
+
+class _WindowedModel(Protocol):
+    """A model that converts stored units ``(N, *spatial)`` to its input units ``(N, *spatial)``."""
+
+    def to_input(self, raw: Tensor) -> Tensor: ...
 
 
 @dataclass
@@ -88,8 +94,9 @@ class ArraySet:
         pos = np.nonzero(mask)[0]
         idx = torch.from_numpy(pos)
         manifest = None if self.manifest is None else self.manifest.iloc[pos].reset_index(drop=True)
+        ids = [self.sample_ids[i] for i in pos.tolist()]
         return ArraySet(self.raw[idx], self.x[idx], self.y[idx], self.target[idx],
-                        [self.sample_ids[i] for i in pos.tolist()], self.split[pos], self.fold[pos], manifest, self.info)
+                        ids, self.split[pos], self.fold[pos], manifest, self.info)
 
     def fold_split(self, fold: int) -> tuple[ArraySet, ArraySet | None, ArraySet]:
         """``(train, val, test)`` of the model selected on ``fold``: the other training folds, that
@@ -117,7 +124,7 @@ def load_arrayset(dataset_dir: str | Path, model: nn.Module, rating_column: str 
         raise DataError(f"model ({getattr(model, 'arch', '?')}, {getattr(model, 'spatial_dims', '?')}-D) does not fit "
                         f"dataset {dataset_dir} ({ndim}-D arrays)")
     with torch.no_grad():
-        x = model.to_input(raw).float().contiguous() if hasattr(model, "to_input") else raw
+        x = cast(_WindowedModel, model).to_input(raw).float().contiguous() if hasattr(model, "to_input") else raw
     y = torch.as_tensor(manifest["label"].to_numpy().copy(), dtype=torch.int64)
     if getattr(model, "output", None) == "rating":
         if rating_column not in manifest.columns:

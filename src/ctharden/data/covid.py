@@ -114,7 +114,7 @@ def detect_layout(root: Path) -> str:
         return complete[0]
     if len(complete) > 1:
         raise DataError(f"{root}: holds both the Soares and the UCSD layout; expected one of {expected}")
-    partial = [f"{d}/" for name, dirs in LAYOUTS.items() for d, ok in zip(dirs, found[name]) if ok]
+    partial = [f"{d}/" for name, dirs in LAYOUTS.items() for d, ok in zip(dirs, found[name], strict=True) if ok]
     got = f"found only {', '.join(partial)}" if partial else "found neither"
     raise DataError(f"{root}: not a COVID-CT dataset ({got}); expected {expected}")
 
@@ -211,7 +211,7 @@ def _plan(root: Path, layout: str, block_size: int) -> tuple[list[_Entry], list[
     """List both class folders and assign ids; :class:`DataError` on a duplicate sample id."""
     entries: list[_Entry] = []
     ignored = sorted(_rel(p, root) for p in root.iterdir() if p.name not in LAYOUTS[layout])
-    for folder, label in zip(LAYOUTS[layout], (1, 0)):
+    for folder, label in zip(LAYOUTS[layout], (1, 0), strict=True):
         images, skipped_names = _list_folder(root, folder)
         ignored += skipped_names
         for path in images:
@@ -270,6 +270,7 @@ def _to_unit_gray(img: Image.Image) -> tuple[np.ndarray, bool, float]:
             gray = arr[..., 0]
     composited = alpha is not None and bool((alpha < 255).any())
     if composited:
+        assert alpha is not None  # composited implies an alpha channel
         gray = gray * (alpha / 255.0)  # onto black
     return (gray / 255.0).astype(np.float32), composited, 255.0
 
@@ -408,7 +409,7 @@ def ingest_covid(
             modes[decoded.mode] += 1
             kept[entry.label] += 1
             n_composited += decoded.alpha_composited
-        for label, folder in zip((1, 0), LAYOUTS[layout]):
+        for label, folder in zip((1, 0), LAYOUTS[layout], strict=True):
             if not kept[label]:
                 raise DataError(f"{root / folder}: no decodable images left after skipping bad files")
     info = read_info(out)

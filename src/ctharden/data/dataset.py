@@ -200,7 +200,8 @@ def read_info(dataset_dir: str | os.PathLike[str]) -> dict[str, Any]:
     """Read ``dataset.json``; raise :class:`DataError` naming the file if missing or corrupt."""
     path = Path(dataset_dir) / INFO
     try:
-        return json.loads(path.read_text())
+        info: dict[str, Any] = json.loads(path.read_text())
+        return info
     except FileNotFoundError:
         raise DataError(f"{path}: not found (is {dataset_dir} a ctharden dataset?)") from None
     except json.JSONDecodeError as exc:
@@ -228,7 +229,8 @@ def load_array(dataset_dir: str | os.PathLike[str], rel_path: str, mmap: bool = 
     """Load one sample array (memory-mapped by default); :class:`DataError` names a bad file."""
     path = Path(dataset_dir) / rel_path
     try:
-        return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+        array: np.ndarray = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+        return array
     except FileNotFoundError:
         raise DataError(f"{path}: array file missing") from None
     except (ValueError, OSError, EOFError) as exc:

@@ -117,7 +117,7 @@ def load_volume(files: Iterable[Path], *, gap_tolerance: float = 1.5) -> Volume:
     shape = slices[0][2].shape
     spacing = tuple(float(v) for v in first.PixelSpacing)  # (row spacing, column spacing)
     origin = (float(first.ImagePositionPatient[0]), float(first.ImagePositionPatient[1]))
-    for z, ds, hu, path in slices[1:]:
+    for _z, ds, hu, path in slices[1:]:
         if hu.shape != shape:
             raise DataError(f"{path}: slice shape {hu.shape} differs from {shape} in series {folder}")
         if not np.allclose([float(v) for v in ds.PixelSpacing], spacing, atol=1e-4):
@@ -172,4 +172,5 @@ def extract_cube(
     coords = volume.to_index(pts)
     src = np.clip(volume.hu, hu_clip[0], hu_clip[1])
     cube = ndimage.map_coordinates(src, coords, order=1, mode="constant", cval=pad_hu)
-    return np.clip(cube, hu_clip[0], hu_clip[1]).astype(np.float32)
+    clipped: np.ndarray = np.clip(cube, hu_clip[0], hu_clip[1]).astype(np.float32)
+    return clipped

@@ -149,6 +149,15 @@ def _text(el: ET.Element, path: str) -> str | None:
     return found.text.strip() if found is not None and found.text is not None else None
 
 
+def _edge_point(edge: ET.Element, path: Path, nodule_id: str) -> tuple[int, int]:
+    """``(x, y)`` pixel coordinates of one ``edgeMap``; :class:`DataError` if either is missing."""
+    x = edge.findtext("n:xCoord", namespaces=_NS)
+    y = edge.findtext("n:yCoord", namespaces=_NS)
+    if x is None or y is None:
+        raise DataError(f"{path}: nodule {nodule_id!r} has an edgeMap without xCoord/yCoord")
+    return int(x), int(y)
+
+
 def is_lidc_ct_xml(path: Path) -> bool:
     """True if ``path`` looks like an LIDC CT read message (cheap check on its first bytes)."""
     try:
@@ -195,10 +204,7 @@ def parse_read_message(path: str | Path) -> ReadMessage:
             contours = []
             for roi in nod.findall("n:roi", _NS):
                 z = _text(roi, "n:imageZposition")
-                pts = [
-                    (int(e.findtext("n:xCoord", namespaces=_NS)), int(e.findtext("n:yCoord", namespaces=_NS)))
-                    for e in roi.findall("n:edgeMap", _NS)
-                ]
+                pts = [_edge_point(e, path, nodule_id) for e in roi.findall("n:edgeMap", _NS)]
                 if z is None or not pts:
                     raise DataError(f"{path}: nodule {nodule_id!r} has an roi without z position or points")
                 contours.append(

@@ -63,8 +63,8 @@ def assign_splits(
     load = np.zeros((used_folds, 2), dtype=np.int64)  # samples per fold for (this stratum, total)
     for label in sorted(groups.unique()):
         load[:, 0] = 0
-        members = [g for g in train_groups if groups[g] == label]
-        for gid in members:
+        train_members = [g for g in train_groups if groups[g] == label]
+        for gid in train_members:
             k = int(np.lexsort((load[:, 1], load[:, 0]))[0])
             fold_of[gid] = k
             load[k] += int(sizes[gid])

@@ -154,7 +154,8 @@ def _uniform(rng: np.random.Generator, bounds: Range) -> float:
 
 def _unit_vectors(rng: np.random.Generator, k: int, dim: int = 3) -> np.ndarray:
     v = rng.normal(size=(k, dim))
-    return v / np.linalg.norm(v, axis=1, keepdims=True)
+    unit: np.ndarray = v / np.linalg.norm(v, axis=1, keepdims=True)
+    return unit
 
 
 def _soft(inside: np.ndarray) -> np.ndarray:
@@ -201,7 +202,8 @@ def _tube_occupancy(
 def _smooth_field(rng: np.random.Generator, shape: tuple[int, ...], sigma: float) -> np.ndarray:
     """Zero-mean, unit-SD Gaussian-filtered white noise of ``shape`` (correlation length ``sigma``)."""
     field = ndimage.gaussian_filter(rng.standard_normal(shape), sigma, mode="wrap")
-    return (field - field.mean()) / max(float(field.std()), 1e-12)
+    standardised: np.ndarray = (field - field.mean()) / max(float(field.std()), 1e-12)
+    return standardised
 
 
 def _ct_finish(
@@ -215,7 +217,8 @@ def _ct_finish(
 def _curve(p0: np.ndarray, p1: np.ndarray, p2: np.ndarray, n_seg: int) -> np.ndarray:
     """``n_seg + 1`` points of the quadratic Bezier curve ``p0 -> p2`` with control point ``p1``."""
     t = np.linspace(0.0, 1.0, n_seg + 1)[:, None]
-    return (1 - t) ** 2 * p0 + 2 * (1 - t) * t * p1 + t**2 * p2
+    points: np.ndarray = (1 - t) ** 2 * p0 + 2 * (1 - t) * t * p1 + t**2 * p2
+    return points
 
 
 def _polyline_tubes(points: np.ndarray, r_start: float, r_end: float) -> tuple[np.ndarray, ...]:
@@ -367,7 +370,8 @@ def _simulate_ratings(
         ratings = np.clip(np.rint(latent + rng.normal(0.0, m.reader_sd, k)), 1, 5).astype(int)
         mean = ratings.mean()
         if (mean > 3) if malignant else (mean < 3):
-            return ratings.tolist()
+            rating_list: list[int] = ratings.tolist()
+            return rating_list
     return [4] if malignant else [2]  # unreachable in practice; keeps the label contract
 
 
@@ -573,7 +577,8 @@ def _opacity_weight(
 def _pick_point(rng: np.random.Generator, candidates: np.ndarray) -> np.ndarray:
     """FOV coordinates ``(y, x)`` of one random pixel of the 2-D boolean mask ``candidates``."""
     index = np.unravel_index(rng.choice(np.flatnonzero(candidates)), candidates.shape)
-    return (np.asarray(index, dtype=np.float64) + 0.5) * (2.0 / candidates.shape[0]) - 1.0
+    point: np.ndarray = (np.asarray(index, dtype=np.float64) + 0.5) * (2.0 / candidates.shape[0]) - 1.0
+    return point
 
 
 def _add_covid_findings(

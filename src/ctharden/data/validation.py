@@ -34,7 +34,7 @@ import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pandas as pd
@@ -286,7 +286,11 @@ def build_expectations(info: Mapping[str, Any], summary_columns: Sequence[str] =
     manifest's columns in ``summary_columns`` to decide; the summary always has the column).
     """
     _import_gx()
-    import great_expectations.expectations as gxe
+    import great_expectations.expectations as gx_expectations
+
+    # GX's package __init__ imports its Expectation classes without re-exporting them (no __all__),
+    # so its public API ``gx.expectations.Expect...`` is invisible to mypy: use it untyped.
+    gxe = cast(Any, gx_expectations)
 
     spec = task_spec(str(info.get("task")))
     shape = info.get("shape")
@@ -453,7 +457,7 @@ def _run_checkpoint(
 ) -> list[dict[str, Any]]:
     """Validate ``summary`` with a GX Checkpoint whose UpdateDataDocsAction writes to ``docs_dir``."""
     gx = _import_gx()
-    from great_expectations.checkpoint import UpdateDataDocsAction
+    from great_expectations.checkpoint.actions import UpdateDataDocsAction
     from great_expectations.core.run_identifier import RunIdentifier
 
     task = str(info["task"])
@@ -486,7 +490,7 @@ def _run_checkpoint(
                 result_format={"result_format": "COMPLETE", "unexpected_index_column_names": _INDEX_COLUMNS},
             )
         )
-        run_id = RunIdentifier(run_name=run_name, run_time=_dt.datetime.now(_dt.timezone.utc))
+        run_id = RunIdentifier(run_name=run_name, run_time=_dt.datetime.now(_dt.UTC))
         result = checkpoint.run(batch_parameters={"dataframe": summary}, run_id=run_id)
     digests: list[dict[str, Any]] = []
     for run_result in result.run_results.values():
@@ -503,7 +507,7 @@ def _write_failed_report(report_dir: Path, dataset_dir: Path, reason: str) -> No
             "dataset_dir": str(dataset_dir),
             "error": reason,
             "content_hash": None,
-            "validated_at": _dt.datetime.now(_dt.timezone.utc).isoformat(),
+            "validated_at": _dt.datetime.now(_dt.UTC).isoformat(),
             "ctharden_version": __version__,
         },
     )
@@ -586,7 +590,7 @@ def validate_dataset(dataset_dir: Path, report_dir: Path) -> ValidationReport:
         ],
         "data_docs_index": str(data_docs_index) if data_docs_index else None,
         "summary_csv": str(report_dir / SUMMARY_CSV),
-        "validated_at": _dt.datetime.now(_dt.timezone.utc).isoformat(),
+        "validated_at": _dt.datetime.now(_dt.UTC).isoformat(),
         "ctharden_version": __version__,
         "great_expectations_version": _import_gx().__version__,
     }

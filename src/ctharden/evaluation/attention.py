@@ -262,7 +262,8 @@ def _one_sample(x: Tensor, sd: int, index: int, name: str) -> Tensor:
     elif x.dim() == sd + 2:
         x = x[:, 0]
     elif x.dim() != sd + 1:
-        raise ValueError(f"{name}: expected {sd} spatial dims (optionally with batch/channel axes), got {tuple(x.shape)}")
+        raise ValueError(f"{name}: expected {sd} spatial dims (optionally with batch/channel axes), "
+                         f"got {tuple(x.shape)}")
     if not 0 <= index < x.shape[0]:
         raise ValueError(f"{name}: sample index {index} out of range for a batch of {x.shape[0]}")
     return x[index : index + 1].float()

@@ -43,6 +43,7 @@ from ctharden.attacks.common import attack_mode
 from ctharden.attacks.nps import InputMap, NPSAttackResult
 from ctharden.attacks.nps_metrics import sar_above_curve
 from ctharden.attacks.pgd import normalized_area
+from ctharden.config import choices
 from ctharden.config.robustness import RobustnessSettings
 from ctharden.core.device import select_runtime
 from ctharden.core.errors import DataError
@@ -185,7 +186,7 @@ def nps_tables(random_runs: Sequence[Sequence[NPSAttackResult]],
     return random_out, opt_out
 
 
-PGD_NORMS = ("linf", "l2")
+PGD_NORMS = choices.NORMS
 
 
 def pgd_samples(data: ArraySet, settings: RobustnessSettings, seed: int) -> np.ndarray:
@@ -246,8 +247,9 @@ def run_pgd_evaluation(
 
 def _eps_hu(model: nn.Module, eps: Sequence[float], settings: RobustnessSettings) -> list[float] | None:
     """ε in HU: the model's HU window width per input unit, or the assumed display window."""
-    if callable(getattr(model, "eps_to_hu", None)) and getattr(model, "window_hu", None) is not None:
-        return [float(model.eps_to_hu(e)) for e in eps]
+    eps_to_hu = getattr(model, "eps_to_hu", None)
+    if callable(eps_to_hu) and getattr(model, "window_hu", None) is not None:
+        return [float(eps_to_hu(e)) for e in eps]
     if settings.hu_per_unit is not None:
         return [float(e * settings.hu_per_unit) for e in eps]
     return None

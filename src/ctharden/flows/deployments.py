@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from ctharden.flows.pipeline import harden_pipeline, reevaluate_champion
 
@@ -89,7 +89,9 @@ def deployments(
                      "the current one."),
         entrypoint_type=EntrypointType.MODULE_PATH,
     )
-    return [nightly, weekly]
+    # to_deployment is typed for both sync and async callers (RunnerDeployment | Coroutine); called
+    # outside an event loop it returns the RunnerDeployment itself
+    return [cast("RunnerDeployment", nightly), cast("RunnerDeployment", weekly)]
 
 
 def serve_deployments(

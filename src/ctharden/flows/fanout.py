@@ -31,11 +31,12 @@ Prefect API in the workers: a task on a Dask worker reports its state to the Pre
 flow. The flow's settings travel with each task (including ``PREFECT_API_URL`` when set, as under
 ``prefect_test_harness``), but when the flow runs on Prefect's temporary server a worker process
 started without ``PREFECT_API_URL`` starts a temporary server of its own (measured: ~15 s per
-worker, and its task runs land there, not in the flow's API). :class:`FanoutDaskTaskRunner` therefore exports the flow's API URL (the
-configured one, or the temporary server's) into ``os.environ`` before its LocalCluster spawns the
-workers, and restores the environment when the flow ends. Workers of an existing scheduler
-(``address``) are not spawned by the flow: start them with ``PREFECT_API_URL`` pointing at a
-Prefect server they can reach, and with the same ``paths`` (shared disk) and MLflow store.
+worker, and its task runs land there, not in the flow's API). :class:`FanoutDaskTaskRunner`
+therefore exports the flow's API URL (the configured one, or the temporary server's) into
+``os.environ`` before its LocalCluster spawns the workers, and restores the environment when the
+flow ends. Workers of an existing scheduler (``address``) are not spawned by the flow: start them
+with ``PREFECT_API_URL`` pointing at a Prefect server they can reach, and with the same ``paths``
+(shared disk) and MLflow store.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import wait
 from prefect.task_runners import ThreadPoolTaskRunner
-from prefect_dask import DaskTaskRunner
+from prefect_dask.task_runners import DaskTaskRunner  # prefect_dask's __init__ does not re-export it
 
 from ctharden.config.paths import evaluation_paths, train_paths
 from ctharden.core.errors import ConfigError
@@ -75,7 +76,7 @@ class FanoutDaskTaskRunner(DaskTaskRunner):
         self._restore = contextlib.ExitStack()
         if self.address is None:
             self._restore.enter_context(_worker_environment())
-        super().__enter__()
+        super().__enter__()  # type: ignore[no-untyped-call]  # prefect_dask's __enter__ is unannotated
         return self
 
     def __exit__(self, *args: Any) -> None:
@@ -201,5 +202,5 @@ def evaluate_fanout(params: dict[str, Any], variant: str = "baseline", jobs: lis
         result, visuals = assemble(todo[job], partials, ctx.settings, len(ctx.models))
         evaluated[job] = (finish_job(ctx, result), visuals, ctx.model)
     out = write_evaluation(params, evaluated, variant=variant, jobs=jobs, log_mlflow=log_mlflow, baselines=baselines)
-    return EvaluateResult(evaluate_stage.STAGE[variant], variant, out["metrics"], evaluation_paths(params, variant)["metrics"],
-                          out["report"])
+    return EvaluateResult(evaluate_stage.STAGE[variant], variant, out["metrics"],
+                          evaluation_paths(params, variant)["metrics"], out["report"])

@@ -372,8 +372,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--set", action="append", default=[], dest="overrides")
     parser.add_argument("--only", choices=["data", "all", "champion"], default="all",
                         help="data: ingest + validate; all: the harden pipeline; champion: re-evaluate the champions")
-    parser.add_argument("--runner", choices=["serial", "dask"], default="serial",
-                        help="dask: CV folds and evaluation units on a Dask cluster (params dask.address or a LocalCluster)")
+    parser.add_argument(
+        "--runner", choices=["serial", "dask"], default="serial",
+        help="dask: CV folds and evaluation units on a Dask cluster (params dask.address or a LocalCluster)",
+    )
     parser.add_argument("--dask-address", default=None, help="scheduler address of an existing Dask cluster")
     args = parser.parse_args(argv)
     if args.only == "data":

@@ -26,13 +26,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from ctharden.config import choices
 from ctharden.config.params import deep_merge, section
+from ctharden.config.schema import GateJob, job_path, validate_section
 from ctharden.core.errors import ConfigError
 from ctharden.evaluation.headline import CLEAN_TEST_AUC, SANITY_PASSED, pgd_accuracy_name, san_rate_name
 
-KINDS = ("clean_auc", "san_rate", "robust_accuracy", "sanity")
-NPS_ATTACKS = ("random", "optimized")
-NORMS = ("linf", "l2")
+KINDS = choices.GATE_KINDS  # which regression tolerance applies to a criterion
+NPS_ATTACKS = choices.NPS_ATTACKS
+NORMS = choices.NORMS
 NORM_LABEL = {"linf": "L∞", "l2": "L2"}
 
 
@@ -75,77 +77,54 @@ class GateSettings:
         raise ConfigError(f"gate: no criterion {name!r} (configured: {', '.join(c.name for c in self.criteria)})")
 
 
-def _number(where: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(float(value)):
-        raise ConfigError(f"gate.{where} must be a number, got {value!r}")
-    return float(value)
-
-
-def _levels(where: str, table: Any) -> list[tuple[float, float]]:
+def _levels(table: Mapping[float, float | None] | None) -> list[tuple[float, float]]:
     """``{level: threshold}`` -> sorted ``(level, threshold)``; null thresholds are dropped."""
-    if table is None:
-        return []
-    if not isinstance(table, Mapping):
-        raise ConfigError(f"gate.{where} must map a level to a threshold, got {table!r}")
-    return sorted((_number(f"{where} (level)", k), _number(f"{where}.{k}", v)) for k, v in table.items()
-                  if v is not None)
+    return sorted((k, v) for k, v in (table or {}).items() if v is not None)
 
 
-def _criteria(cfg: Mapping[str, Any]) -> list[Criterion]:
+def _criteria(cfg: GateJob) -> list[Criterion]:
+    """The criteria a job's validated gate settings give, in a fixed order."""
     out: list[Criterion] = []
-    if cfg.get("min_clean_auc") is not None:
-        t = _number("min_clean_auc", cfg["min_clean_auc"])
-        out.append(Criterion("clean_auc", CLEAN_TEST_AUC, ">=", t, "clean_auc", "clean test AUC"))
-    san = cfg.get("max_san_rate") or {}
-    unknown = set(san) - set(NPS_ATTACKS)
-    if unknown:
-        raise ConfigError(f"gate.max_san_rate: unknown attacks {sorted(unknown)} (use {list(NPS_ATTACKS)})")
+    if cfg.min_clean_auc is not None:
+        out.append(Criterion("clean_auc", CLEAN_TEST_AUC, ">=", cfg.min_clean_auc, "clean_auc", "clean test AUC"))
+    san = {str(k): v for k, v in (cfg.max_san_rate or {}).items()}
     for attack in NPS_ATTACKS:
-        for mas, t in _levels(f"max_san_rate.{attack}", san.get(attack)):
+        for mas, t in _levels(san.get(attack)):
             out.append(Criterion(f"{attack}_san_mas{mas:g}", san_rate_name(attack, "test", mas), "<=", t,
                                  "san_rate", f"SAN/N (%) under {attack} NPS noise at {mas:g} mAs"))
-    acc = cfg.get("min_robust_accuracy") or {}
-    unknown = set(acc) - set(NORMS)
-    if unknown:
-        raise ConfigError(f"gate.min_robust_accuracy: unknown norms {sorted(unknown)} (use {list(NORMS)})")
+    acc = {str(k): v for k, v in (cfg.min_robust_accuracy or {}).items()}
     for norm in NORMS:
-        for eps, t in _levels(f"min_robust_accuracy.{norm}", acc.get(norm)):
+        for eps, t in _levels(acc.get(norm)):
             out.append(Criterion(f"pgd_{norm}_acc_eps{eps:g}", pgd_accuracy_name(norm, eps), ">=", t,
                                  "robust_accuracy", f"100-PGD {NORM_LABEL[norm]} robust accuracy at ε={eps:g}"))
-    sanity = cfg.get("sanity", True)
-    if not isinstance(sanity, bool):
-        raise ConfigError(f"gate.sanity must be true or false, got {sanity!r}")
-    if sanity:
+    if cfg.sanity:
         out.append(Criterion("sanity", SANITY_PASSED, ">=", 1.0, "sanity", "all evaluation sanity checks pass"))
     return out
 
 
 def gate_settings(params: Mapping[str, Any], job: str) -> GateSettings:
-    """``gate.defaults`` deep-merged with ``gate.jobs.<job>``, validated."""
+    """``gate.defaults`` deep-merged with ``gate.jobs.<job>``, validated by the schema (:class:`GateJob`);
+    the job must have criteria and its ``primary`` must be one of them (not ``sanity``)."""
     g = section(params, "gate")
-    cfg = deep_merge(g.get("defaults") or {}, (g.get("jobs") or {}).get(job) or {})
+    cfg = validate_section(GateJob, deep_merge(g.get("defaults") or {}, (g.get("jobs") or {}).get(job) or {}),
+                           job_path(g, "gate", job))
     criteria = tuple(_criteria(cfg))
     if not criteria:
         raise ConfigError(f"gate: job {job!r} has no criteria (every threshold is null)")
     names = [c.name for c in criteria]
-    primary = cfg.get("primary")
-    if primary not in names:
+    primary = cfg.primary
+    if primary is None or primary not in names:
         raise ConfigError(f"gate.primary for {job!r} must be one of its criteria {names}, got {primary!r}")
     if next(c for c in criteria if c.name == primary).kind == "sanity":
         raise ConfigError("gate.primary cannot be the sanity criterion (it has no magnitude)")
-    champion = cfg.get("champion") or {}
-    regression = cfg.get("regression") or {}
-    unknown = set(regression) - set(KINDS)
-    if unknown:
-        raise ConfigError(f"gate.regression: unknown kinds {sorted(unknown)} (use {list(KINDS)})")
-    name = str(cfg.get("model_name", "ctharden-{job}")).format(job=job)
+    name = cfg.model_name.format(job=job)
     if not name or "/" in name or "@" in name:
         raise ConfigError(f"gate.model_name {name!r} is not a valid registered-model name")
+    regression = {str(k): v for k, v in (cfg.regression or {}).items()}
     return GateSettings(
         criteria=criteria, primary=primary,
-        min_improvement=_number("champion.min_improvement", champion.get("min_improvement", 0.0)),
-        max_clean_auc_drop=_number("champion.max_clean_auc_drop", champion.get("max_clean_auc_drop", 0.02)),
-        regression={k: _number(f"regression.{k}", regression.get(k, 0.0)) for k in KINDS},
+        min_improvement=cfg.champion.min_improvement, max_clean_auc_drop=cfg.champion.max_clean_auc_drop,
+        regression={k: float(regression.get(k, 0.0)) for k in KINDS},
         model_name=name,
     )
 

@@ -42,7 +42,8 @@ def committed_json(repo: Path, ref: str, path: Path) -> dict[str, Any] | None:
     if shown.returncode != 0:
         return None
     try:
-        return json.loads(shown.stdout)
+        committed: dict[str, Any] = json.loads(shown.stdout)  # a metrics file holds one JSON object
+        return committed
     except json.JSONDecodeError:
         raise DataError(f"{rel} at {ref} is not valid JSON") from None
 
@@ -72,5 +73,6 @@ def dvc_metrics_diff(repo: Path, ref: str) -> str:
     except OSError as exc:
         return f"(dvc metrics diff could not run: {exc})"
     if out.returncode != 0:
-        return f"(dvc metrics diff failed: {out.stderr.strip().splitlines()[-1] if out.stderr.strip() else out.returncode})"
+        reason = out.stderr.strip().splitlines()[-1] if out.stderr.strip() else out.returncode
+        return f"(dvc metrics diff failed: {reason})"
     return out.stdout.strip() or "(no metric changed)"

@@ -189,8 +189,9 @@ def noise_context(params: dict[str, Any], job: str, model: nn.Module, width: int
     """Spacing and HU scale of the job's robustness settings, and the configured NPS model."""
 
     rs = job_settings(params, job).for_width(width)
-    if getattr(model, "window_hu", None) is not None:
-        hu = float(model.eps_to_hu(1.0))
+    eps_to_hu = getattr(model, "eps_to_hu", None)
+    if callable(eps_to_hu) and getattr(model, "window_hu", None) is not None:
+        hu = float(eps_to_hu(1.0))
     elif rs.hu_per_unit is not None:
         hu = float(rs.hu_per_unit)
     else:

@@ -173,7 +173,8 @@ class AdvPGD(_PairLoss):
 
     def __init__(self, eps: float, norm: str = "linf", n_pgd: int = 20, alpha: float = PGD_ALPHA,
                  clip: tuple[float, float] | None = (0.0, 1.0)) -> None:
-        self.eps, self.norm, self.n_pgd, self.alpha, self.clip = _check_eps("eps", eps), _check_norm(norm), n_pgd, alpha, clip
+        self.eps, self.norm = _check_eps("eps", eps), _check_norm(norm)
+        self.n_pgd, self.alpha, self.clip = n_pgd, alpha, clip
 
     def perturb(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
         if self.eps == 0:

@@ -126,7 +126,8 @@ def get_arch(arch: str) -> ArchSpec:
 
 def _json_normalise(arch: str, kwargs: dict[str, Any]) -> dict[str, Any]:
     try:
-        return json.loads(json.dumps(kwargs, allow_nan=False))
+        normalised: dict[str, Any] = json.loads(json.dumps(kwargs, allow_nan=False))
+        return normalised
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{arch}: arch_kwargs must be JSON-serialisable ({exc})") from None
 

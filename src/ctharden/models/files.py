@@ -12,13 +12,13 @@ from __future__ import annotations
 import io
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
 from ctharden.core.errors import DataError
 from ctharden.core.io import atomic_write_bytes
-from ctharden.models import model_from_config
+from ctharden.models import CTClassifier, model_from_config
 
 MODEL_FORMAT = "ctharden-model/1"
 
@@ -44,15 +44,16 @@ def load_file(path: str | os.PathLike[str]) -> Any:
 def save_model(path: str | os.PathLike[str], model: torch.nn.Module, meta: dict[str, Any] | None = None) -> Path:
     """Write a model file for ``model`` (a CTClassifier) with JSON-like ``meta``."""
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    return save_atomic({"format": MODEL_FORMAT, "config": model.config(), "state_dict": state, "meta": meta or {}}, path)
+    config = cast(CTClassifier, model).config()
+    return save_atomic({"format": MODEL_FORMAT, "config": config, "state_dict": state, "meta": meta or {}}, path)
 
 
-def load_model(path: str | os.PathLike[str]) -> tuple[torch.nn.Module, dict[str, Any]]:
+def load_model(path: str | os.PathLike[str]) -> tuple[CTClassifier, dict[str, Any]]:
     """Rebuild the model saved by :func:`save_model`; returns ``(model in eval mode, meta)``."""
-
     blob = load_file(path)
     if not isinstance(blob, dict) or blob.get("format") != MODEL_FORMAT:
         raise DataError(f"{path}: not a ctharden model file (expected format {MODEL_FORMAT})")
     model = model_from_config(blob["config"])
     model.load_state_dict(blob["state_dict"])
-    return model.eval(), blob.get("meta", {})
+    model.eval()
+    return model, blob.get("meta", {})

@@ -43,6 +43,7 @@ eval mode see a fixed function. Dropout is inactive in eval mode.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from torch import Tensor, nn
 
@@ -125,10 +126,11 @@ class NoduleCNN(nn.Module):
         nn.init.constant_(self.out.bias, output_bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.out(self.classifier(self.features(x)))
+        out: Tensor = self.out(self.classifier(self.features(x)))
+        return out
 
 
-def nodule_layout(variant: str, width: int) -> dict:
+def nodule_layout(variant: str, width: int) -> dict[str, Any]:
     """Conv channels, FC features and options of a Table 3 variant at ``width`` (see module doc)."""
     w = width
     if variant == "wider":
@@ -137,7 +139,7 @@ def nodule_layout(variant: str, width: int) -> dict:
         w = width // 2
     if w < 1:
         raise ValueError(f"width {width} is too small for the {variant} variant")
-    layout: dict = {
+    layout: dict[str, Any] = {
         "conv_channels": [w, w, 2 * w, 2 * w],
         "fc_features": [4 * w, 2 * w, w],
         "batch_norm": variant == "bn",

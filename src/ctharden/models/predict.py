@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 import numpy as np
 import torch
 
@@ -26,7 +28,7 @@ def predict_scores(
                 out = model(xb)
             out = out.float()
             outs.append(out.cpu())
-            scores.append(positive_score(out, model.output).float().cpu())
+            scores.append(positive_score(out, cast(str, model.output)).float().cpu())  # a CTClassifier
     if not outs:
         return np.zeros((0,), np.float32), np.zeros((0,), np.float32)
     return torch.cat(outs).numpy(), torch.cat(scores).numpy()

@@ -31,7 +31,7 @@ from __future__ import annotations
 from typing import Any
 
 from monai.networks.layers.utils import get_norm_layer
-from monai.networks.nets import resnet18
+from monai.networks.nets.resnet import resnet18
 from torch import nn
 
 RESNET_DEFAULTS: dict[int, dict[str, Any]] = {

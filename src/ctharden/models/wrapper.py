@@ -120,7 +120,7 @@ class CTClassifier(nn.Module):
             )
         if self._channels_last:
             x = x.contiguous(memory_format=_channels_last_format(self.spatial_dims))
-        out = self.net(x)
+        out: Tensor = self.net(x)
         if self.output == "logits2":
             return out
         return out.squeeze(-1)
@@ -173,7 +173,7 @@ class CTClassifier(nn.Module):
         fmt = _channels_last_format(self.spatial_dims) if enabled else torch.contiguous_format
         self._channels_last = enabled
         for module in self.modules():
-            for name, param in module.named_parameters(recurse=False):
+            for _name, param in module.named_parameters(recurse=False):
                 if param.dim() == self.spatial_dims + 2:
                     param.data = param.data.contiguous(memory_format=fmt)
         return self

@@ -11,7 +11,7 @@ The block this reads (every key optional; the values shown are the defaults)::
         peak_freq_per_mm: 0.30     # parametric: NPS peak (mm⁻¹)
         ramp_exponent: 1.0         # parametric: α in A·f^α·exp(-(f/f_c)^β)
         rolloff_exponent: 3.0      # parametric: β
-        table: null                # table: CSV freq_per_mm,nps_hu2_mm2 
+        table: null                # table: CSV freq_per_mm,nps_hu2_mm2
         projection_pool: all       # eq. 5 average over: all | sample | slice
 """
 
@@ -23,11 +23,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ctharden.config import choices
+from ctharden.config.schema import NoiseSettings, validate_section
 from ctharden.core.errors import ConfigError
 from ctharden.noise.nps import NPSModel, ParametricNPS, load_nps_table
 
-MODELS = ("parametric", "table")
-POOLS = ("all", "sample", "slice")
+MODELS = choices.NOISE_MODELS
+POOLS = choices.PROJECTION_POOLS
 
 
 @dataclass(frozen=True)
@@ -45,17 +47,8 @@ class NoiseConfig:
     projection_pool: str = "all"  # eq. 5 pooling: all | sample | slice
 
     def __post_init__(self) -> None:
-        if self.model not in MODELS:
-            raise ConfigError(
-                f"robustness.noise.model must be one of {', '.join(MODELS)}, got {self.model!r}"
-            )
-        if self.projection_pool not in POOLS:
-            raise ConfigError(
-                f"robustness.noise.projection_pool must be one of {', '.join(POOLS)}, "
-                f"got {self.projection_pool!r}"
-            )
-        if self.model == "table" and not self.table:
-            raise ConfigError("robustness.noise.model is 'table' but robustness.noise.table is not set")
+        """Checked by the schema (:class:`~ctharden.config.schema.NoiseSettings`) like ``params.yaml``."""
+        validate_section(NoiseSettings, dataclasses.asdict(self), ("robustness", "noise"))
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any] | None) -> NoiseConfig:
@@ -65,26 +58,7 @@ class NoiseConfig:
             section = (section.get("robustness") or {}).get("noise") or {}
         if not isinstance(section, Mapping):
             raise ConfigError(f"robustness.noise must be a mapping, got {type(section).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(section) - known)
-        if unknown:
-            raise ConfigError(
-                f"robustness.noise: unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})"
-            )
-        kwargs: dict[str, Any] = {}
-        for key, value in section.items():
-            if key in ("model", "projection_pool"):
-                kwargs[key] = str(value)
-            elif key in ("table", "ref_mas") and value is None:
-                kwargs[key] = None
-            elif key == "table":
-                kwargs[key] = str(value)
-            else:
-                try:
-                    kwargs[key] = float(value)
-                except (TypeError, ValueError):
-                    raise ConfigError(f"robustness.noise.{key} must be a number, got {value!r}") from None
-        return cls(**kwargs)
+        return cls(**validate_section(NoiseSettings, section, ("robustness", "noise")).model_dump())
 
     def build(self, root: str | Path | None = None) -> NPSModel:
         """The NPS model; a relative ``table`` path is resolved against ``root`` (default: cwd)."""

@@ -111,7 +111,8 @@ def as_mas(
     if not bool(torch.isfinite(m).all()) or not bool((m > 0).all()):
         raise ConfigError(f"mAs must be positive and finite, got {m.tolist()!r}")
     try:
-        if torch.broadcast_shapes(m.shape, lead_shape) != torch.Size(lead_shape):
+        # torch.broadcast_shapes has no annotations
+        if torch.broadcast_shapes(m.shape, lead_shape) != torch.Size(lead_shape):  # type: ignore[no-untyped-call]
             raise RuntimeError
     except RuntimeError:
         raise ConfigError(

@@ -107,13 +107,15 @@ class ParametricNPS(NPSModel):
     def cutoff_per_mm(self) -> float:
         """f_c (mm⁻¹): the peak of f^α·exp(-(f/f_c)^β) lies at f_c·(α/β)^(1/β)."""
         a, b = self.ramp_exponent, self.rolloff_exponent
-        return self.peak_freq_per_mm * (b / a) ** (1.0 / b)
+        fc: float = self.peak_freq_per_mm * (b / a) ** (1.0 / b)  # float ** float is typed Any (could be complex)
+        return fc
 
     @property
     def amplitude(self) -> float:
         """A in HU²·mm^(2+α), from σ² = 2πA ∫ f^(1+α)·exp(-(f/f_c)^β) df = 2πA·f_c^(α+2)·Γ((α+2)/β)/β."""
         a, b, fc = self.ramp_exponent, self.rolloff_exponent, self.cutoff_per_mm
-        return self.sigma_ref_hu**2 * b / (2.0 * math.pi * fc ** (a + 2.0) * math.gamma((a + 2.0) / b))
+        amp: float = self.sigma_ref_hu**2 * b / (2.0 * math.pi * fc ** (a + 2.0) * math.gamma((a + 2.0) / b))
+        return amp
 
     def reference(self, freq: torch.Tensor) -> torch.Tensor:
         f = torch.as_tensor(freq, dtype=torch.float64)

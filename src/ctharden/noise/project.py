@@ -129,5 +129,5 @@ def project_to_nps(
     ok = (mean_white > 0) & positive
     gain = torch.where(ok, torch.rsqrt(torch.where(ok, mean_white, 1.0)), 0.0)  # (P, H·Wr)
     gain = gain[:, None, :].expand(n_pool, per_pool, -1).reshape(*lead, h, w // 2 + 1)
-    out = torch.fft.irfft2(spec * gain.to(work), s=(h, w))
+    out: torch.Tensor = torch.fft.irfft2(spec * gain.to(work), s=(h, w))  # torch.fft is untyped
     return out.to(out_dtype)

@@ -79,6 +79,6 @@ def sample_nps_noise(
         return torch.zeros(shape_t, dtype=torch.float32, device=dev)
     white = torch.randn(shape_t, generator=generator, device=dev, dtype=torch.float32)
     spectrum = torch.fft.rfft2(white) * nps_filter(hw, spacing_mm, nps=model, device=dev)
-    noise = torch.fft.irfft2(spectrum, s=hw)
+    noise: torch.Tensor = torch.fft.irfft2(spectrum, s=hw)  # torch.fft is untyped
     return (noise * scale).contiguous()
 

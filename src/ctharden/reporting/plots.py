@@ -51,7 +51,7 @@ _DPI = 120
 def png_bytes(fig: Figure) -> bytes:
     """The figure as PNG bytes (Agg, no version stamp: reproducible)."""
     buf = io.BytesIO()
-    FigureCanvasAgg(fig).print_png(buf, metadata=_PNG_METADATA)
+    FigureCanvasAgg(fig).print_png(buf, metadata=_PNG_METADATA)  # type: ignore[no-untyped-call]  # unannotated
     return buf.getvalue()
 
 
@@ -216,10 +216,10 @@ def write_dvc_plots(
 
     roc_path = atomic_write_text(
         out_dir / "roc.csv",
-        csv_text(["fpr", "tpr", "threshold"], list(zip(fpr.tolist(), tpr.tolist(), thr.tolist()))),
+        csv_text(["fpr", "tpr", "threshold"], list(zip(fpr.tolist(), tpr.tolist(), thr.tolist(), strict=True))),
     )
     pred_path = atomic_write_text(
-        out_dir / "predictions.csv", csv_text(list(columns), list(zip(*columns.values())))
+        out_dir / "predictions.csv", csv_text(list(columns), list(zip(*columns.values(), strict=True)))
     )
     return {"roc": roc_path, "predictions": pred_path}
 
@@ -251,7 +251,13 @@ def plot_margins(history: list[np.ndarray], eps_max: float, path: Path, title: s
     bins = np.linspace(0, eps_max, 31)
     cmap = matplotlib.colormaps["viridis"]
     for i, m in enumerate(history):
-        ax.hist(m, bins=bins, histtype="step", color=cmap(i / max(len(history) - 1, 1)), label=f"epoch {i + 1}")
+        ax.hist(
+            m,
+            bins=bins,  # type: ignore[arg-type]  # matplotlib's stubs say Sequence[float]; arrays are accepted
+            histtype="step",
+            color=cmap(i / max(len(history) - 1, 1)),
+            label=f"epoch {i + 1}",
+        )
     ax.set_xlabel("estimated margin (model-input units)")
     ax.set_ylabel("samples")
     ax.set_title(title or "IMA margins per epoch")

@@ -63,7 +63,9 @@ def write_plot_data(result: Mapping[str, Any], out_dir: Path) -> list[Path]:
     for norm, curve in result["pgd"].items():
         hu = curve.get("eps_hu") or [""] * len(curve["eps"])
         rows = [[e, h, a] for e, h, a in zip(curve["eps"], hu, curve["accuracy"], strict=True)]
-        paths.append(atomic_write_text(out_dir / f"robust_accuracy_{norm}.csv", csv_text(["eps", "eps_hu", "accuracy"], rows)))
+        paths.append(
+            atomic_write_text(out_dir / f"robust_accuracy_{norm}.csv", csv_text(["eps", "eps_hu", "accuracy"], rows))
+        )
     return paths
 
 
@@ -148,10 +150,12 @@ def plot_examples(visuals: Mapping[str, Any], path: Path, *, spatial_dims: int, 
         return None
 
     def central(a: Any) -> np.ndarray:
+        """``(H, W)`` of a 2D image or the central axial slice of a 3D volume (leading 1-dims dropped)."""
         a = np.asarray(a.detach().float().cpu() if hasattr(a, "detach") else a)
         while a.ndim > 2 and a.shape[0] == 1:
             a = a[0]
-        return a[a.shape[0] // 2] if a.ndim == 3 else a
+        image: np.ndarray = a[a.shape[0] // 2] if a.ndim == 3 else a
+        return image
 
     cols = ["clean", "random", "random_noise_hu", "optimized", "optimized_noise_hu", "pgd", "pgd_diff"]
     fig = Figure(figsize=(2.0 * len(cols), 2.2 * len(ex) + 0.5), dpi=110, layout="constrained")
@@ -249,7 +253,9 @@ def comparison_tables(baseline: Mapping[str, Any], hardened: Mapping[str, Any], 
         rows = []
         for name, res in rows_of:
             auc = res["clean"].get(split, {}).get("auc")
-            cells = [f"{lv['san_rate']:.1f}" for key in ("random_nps", "optimized_nps") for lv in _levels(res[key][split])]
+            cells = [
+                f"{lv['san_rate']:.1f}" for key in ("random_nps", "optimized_nps") for lv in _levels(res[key][split])
+            ]
             rows.append([name, "n/a" if auc is None else f"{auc:.3f}", *cells])
         out.append((f"{split}: AUC and SAN/N (%) per mAs (Tables 4-5 style)", header, rows))
     for norm, c in hardened["pgd"].items():
@@ -330,7 +336,8 @@ def render_html(
             "<p>A sample counts as attacked when any of the K perturbations changes its fp32 predicted "
             "label. Random: K NPS noise realisations per mAs. Optimised: Algorithm 1, projected "
             "gradient ascent on ‖D(x+p)−D(x)‖² with the NPS projection after each step "
-            f"(mean {res['optimized_nps'][next(iter(res['optimized_nps']))].get('mean_steps', 0):.1f} steps per chain).</p>")
+            f"(mean {res['optimized_nps'][next(iter(res['optimized_nps']))].get('mean_steps', 0):.1f} "
+            "steps per chain).</p>")
         parts.append("<h3>100-PGD robust accuracy</h3>" + _html_table(*pgd_rows(res)))
         parts.append("<h3>Sanity checks of the white-box evaluation</h3>" + _html_table(*sanity_rows(res)))
         for key, p in figures.get(name, {}).items():

@@ -49,7 +49,8 @@ def ci_gate(params: Mapping[str, Any], base: str, *, variant: str = "auto", repo
         for job, rows in jobs.items():
             for r in rows:
                 md.append(f"| {job} | {v} | `{r['criterion']}` | {_fmt(r['base'])} | {_fmt(r['head'])} | "
-                          f"{_fmt(r['worse_by'])} | {r['tolerance']:g} | {'**REGRESSED**' if r['regressed'] else 'ok'} |")
+                          f"{_fmt(r['worse_by'])} | {r['tolerance']:g} | "
+                          f"{'**REGRESSED**' if r['regressed'] else 'ok'} |")
     md += [f"- {n}" for n in notes]
     md += ["", f"### `dvc metrics diff {base}`", "", dvc_metrics_diff(repo, base), "",
            f"**{'PASSED' if not failures else 'FAILED'}**" + ("" if not failures else ": " + "; ".join(failures)),

@@ -24,8 +24,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from dataclasses import dataclass
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,7 @@ from ctharden.data.arrays import ArraySet, load_arrayset
 from ctharden.evaluation.attention import save_attention_figure
 from ctharden.evaluation.headline import headline_metrics
 from ctharden.evaluation.units import evaluate_robustness, model_set
+from ctharden.models import CTClassifier
 from ctharden.noise.config import noise_model
 from ctharden.reporting.report import (
     comparison_tables,
@@ -69,8 +70,8 @@ class EvalJob:
     variant: str
     dataset: str
     dataset_dir: Path
-    model: torch.nn.Module  # the selected (or hardened) model
-    fold_models: list[torch.nn.Module]
+    model: CTClassifier  # the selected (or hardened) model
+    fold_models: list[CTClassifier]
     summary: dict[str, Any]  # the training (or harden) stage's summary
     data: ArraySet
     settings: RobustnessSettings
@@ -114,7 +115,7 @@ def finish_job(ctx: EvalJob, result: dict[str, Any]) -> dict[str, Any]:
 
 
 def evaluate_job(params: dict[str, Any], job: str, variant: str = "baseline"
-                 ) -> tuple[dict[str, Any], dict[str, Any], torch.nn.Module, ArraySet]:
+                 ) -> tuple[dict[str, Any], dict[str, Any], CTClassifier, ArraySet]:
     """Evaluate one trained (or hardened) job; returns ``(result, visuals, model, data)``."""
     t0 = time.perf_counter()
     ctx = prepare_job(params, job, variant)
@@ -125,7 +126,7 @@ def evaluate_job(params: dict[str, Any], job: str, variant: str = "baseline"
     return result, visuals, ctx.model, ctx.data
 
 
-def write_job_figures(result: dict[str, Any], visuals: dict[str, Any], model: torch.nn.Module, plots_dir: Path,
+def write_job_figures(result: dict[str, Any], visuals: dict[str, Any], model: CTClassifier, plots_dir: Path,
                       report_dir: Path) -> dict[str, Path | None]:
     """The job's DVC plot CSVs and its figures (SAR curves, examples, attention)."""
 
@@ -184,7 +185,8 @@ def write_report(rep: Path, results: dict[str, dict[str, Any]],
     for name, res in results.items():
         if res["settings"].get("hu_per_unit") and res["model"]["config"].get("window_hu") is None:
             notes.append(f"{name}: images carry no HU; noise is added in HU through an assumed display window of "
-                         f"{res['settings']['hu_per_unit']:g} HU per unit and {res['settings']['spacing_mm']:.3g} mm pixels.")
+                         f"{res['settings']['hu_per_unit']:g} HU per unit and "
+                         f"{res['settings']['spacing_mm']:.3g} mm pixels.")
     comparisons = {}
     for name, res in results.items():
         if baselines and name in baselines and res.get("hardening"):
@@ -195,7 +197,8 @@ def write_report(rep: Path, results: dict[str, dict[str, Any]],
     html_path = atomic_write_text(rep / "index.html", render_html(results, {"": shared, **job_figures}, notes=notes,
                                                                    comparisons=comparisons, title=title))
     md_path = atomic_write_text(rep / "summary.md", summary_markdown(
-        results, html_path, comparisons, title="Robustness: baseline vs hardened" if baselines else "Robustness evaluation"))
+        results, html_path, comparisons,
+        title="Robustness: baseline vs hardened" if baselines else "Robustness evaluation"))
     return {"html": html_path, "summary": md_path, **{k: v for k, v in shared.items() if v is not None}}
 
 
@@ -221,7 +224,7 @@ def evaluation_plan(params: dict[str, Any], jobs: list[str] | None = None, varia
     return names, baselines
 
 
-def write_evaluation(params: dict[str, Any], evaluated: dict[str, tuple[dict[str, Any], dict[str, Any], torch.nn.Module]],
+def write_evaluation(params: dict[str, Any], evaluated: dict[str, tuple[dict[str, Any], dict[str, Any], CTClassifier]],
                      *, variant: str = "baseline", jobs: list[str] | None = None, log_mlflow: bool = True,
                      baselines: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write every output of the evaluation from ``{job: (result, visuals, model)}`` (job order
@@ -263,7 +266,7 @@ def run_evaluation(params: dict[str, Any], jobs: list[str] | None = None, *, log
     accuracy-vs-ε plot. :func:`ctharden.flows.fanout.evaluate_fanout` is the same with the
     evaluation units spread over a Dask cluster."""
     names, baselines = evaluation_plan(params, jobs, variant)
-    evaluated = {}
+    evaluated: dict[str, tuple[dict[str, Any], dict[str, Any], CTClassifier]] = {}
     for job in names:
         result, visuals, model, _ = evaluate_job(params, job, variant)
         evaluated[job] = (result, visuals, model)

@@ -83,7 +83,8 @@ def evaluate_model(
         plots_dir = Path(plots_dir)
         labels = [info["label_names"][k] for k in sorted(info["label_names"], key=int)]
         y = data.y.numpy()
-        plot_roc({Path(str(model_ref)).name: (y, scores)}, plots_dir / "roc.png", title=f"{model.arch} on {dataset_dir.name}")
+        plot_roc({Path(str(model_ref)).name: (y, scores)}, plots_dir / "roc.png",
+                 title=f"{model.arch} on {dataset_dir.name}")
         plot_confusion(y, labels_from_scores(scores), plots_dir / "confusion.png", labels=labels)
         write_dvc_plots(plots_dir, y, scores, sample_ids=data.sample_ids)
         result["plots"] = str(plots_dir)

@@ -71,7 +71,8 @@ def gate_model(params: Mapping[str, Any], job: str, variant: str, result: Mappin
     }
 
 
-def gate_variants(params: Mapping[str, Any], variant: str = "auto", jobs: Iterable[str] | None = None) -> dict[str, Any]:
+def gate_variants(params: Mapping[str, Any], variant: str = "auto", jobs: Iterable[str] | None = None
+                  ) -> dict[str, Any]:
     """Gate every evaluated model of ``variant`` (see :func:`resolve_variants`) and update
     ``metrics/gate.json`` (other variants' and jobs' entries are kept). Returns the gated entries
     as ``{variant: {job: record}}`` (see :func:`gate_model`)."""

@@ -52,7 +52,8 @@ def chosen_eps(params: dict[str, Any], job: str) -> tuple[float | None, str]:
         return hs.eps, "params"
     path = tune_paths(params, job)["metrics"]
     if not path.is_file():
-        raise DataError(f"job {job!r}: no training ε: set harden.eps or run `ctharden stage tune {job}` ({path} missing)")
+        raise DataError(f"job {job!r}: no training ε: set harden.eps or run `ctharden stage tune {job}` "
+                        f"({path} missing)")
     tuned = load_json(path)
     if tuned.get("method") != hs.method or tuned.get("eps") is None:
         raise DataError(f"{path} tuned ε for method {tuned.get('method')!r}, not {hs.method!r}: re-run the tune stage")
@@ -103,7 +104,8 @@ def harden_job(params: dict[str, Any], job: str, *, log_mlflow: bool = True) -> 
         for m in methods:
             # the tuned ε belongs to harden.method; a compared IMA keeps its own ε_max
             m_eps = None if (m == "ima" and m != hs.method) else eps
-            model, info = harden_model(baseline, m, m_eps, data, hs, seed=seed, noise=noise, adaptive_context=adaptive_ctx)
+            model, info = harden_model(baseline, m, m_eps, data, hs, seed=seed, noise=noise,
+                                       adaptive_context=adaptive_ctx)
             infos[m] = info
             label = f"{m} {info['eps']:.4g}" if info.get("eps") is not None else m
             curves[label] = curve(model, info.get("eps"), hardened=m == hs.method, method=m)

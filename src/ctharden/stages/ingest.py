@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from ctharden.config import choices
 from ctharden.config.params import section
 from ctharden.config.paths import dataset_dir, dataset_spec, metrics_path
 from ctharden.core.errors import ConfigError
@@ -16,7 +17,7 @@ from ctharden.stages.result import IngestResult
 
 log = logging.getLogger(__name__)
 STAGE = "ingest"
-KINDS = ("lidc", "covid", "synthetic")
+KINDS = choices.DATASET_KINDS
 
 
 def run(params: dict[str, Any], name: str) -> IngestResult:

@@ -6,7 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from ctharden.config.jobs import job_config
@@ -16,6 +15,7 @@ from ctharden.core.io import load_json
 from ctharden.data.arrays import ArraySet, load_arrayset
 from ctharden.data.dataset import read_info
 from ctharden.data.validation import require_validated
+from ctharden.models import CTClassifier
 from ctharden.models.files import load_model
 
 
@@ -33,7 +33,7 @@ def trained_dataset(params: dict[str, Any], job: str, summary: dict[str, Any]) -
 
 
 def load_job_models(params: dict[str, Any], job: str, variant: str = "baseline"
-                    ) -> tuple[torch.nn.Module, list[torch.nn.Module], dict[str, Any]]:
+                    ) -> tuple[CTClassifier, list[CTClassifier], dict[str, Any]]:
     """The job's selected model, its other fold models and its training summary; for
     ``variant="hardened"`` the hardened model and the harden stage's summary (no fold models)."""
     if variant == "hardened":
@@ -43,17 +43,19 @@ def load_job_models(params: dict[str, Any], job: str, variant: str = "baseline"
         summary = load_json(path)
         model_file = Path(summary["model_file"])
         if not model_file.is_file():
-            raise DataError(f"job {job!r}: hardened model {model_file} not found (re-run `ctharden stage harden {job}`)")
+            raise DataError(f"job {job!r}: hardened model {model_file} not found "
+                            f"(re-run `ctharden stage harden {job}`)")
         return load_model(model_file)[0], [], summary
     dirs = train_paths(params, job)
     if not dirs["metrics"].is_file():
-        raise DataError(f"job {job!r} has not been trained: {dirs['metrics']} not found (run `ctharden stage train {job}`)")
+        raise DataError(f"job {job!r} has not been trained: {dirs['metrics']} not found "
+                        f"(run `ctharden stage train {job}`)")
     summary = load_json(dirs["metrics"])
     model_file = Path(summary["model_file"])
     if not model_file.is_file():
         raise DataError(f"job {job!r}: model file {model_file} not found (re-run `ctharden stage train {job}`)")
     model, _ = load_model(model_file)
-    others = []
+    others: list[CTClassifier] = []
     for f in summary["folds"]:
         if f["fold"] != summary["selected_fold"]:
             path = dirs["models"] / f"fold{f['fold']}" / "model.pt"

@@ -46,7 +46,8 @@ def run(params: Mapping[str, Any], name: str) -> StageResult | None:
     headline = headline_metrics(result)
     verdict = check(headline, gate_settings(params, job))
     when = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
-    for key, value in {f"{TAG}.reevaluated_at": when, f"{TAG}.reevaluation_gate": "passed" if verdict["passed"] else "failed",
+    for key, value in {f"{TAG}.reevaluated_at": when,
+                       f"{TAG}.reevaluation_gate": "passed" if verdict["passed"] else "failed",
                        f"{TAG}.reevaluation_reasons": reasons(verdict)[:5000],
                        f"{TAG}.reevaluation_dataset_hash": result["dataset_hash"]}.items():
         client.set_model_version_tag(model_name, mv.version, key, value)

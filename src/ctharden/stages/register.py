@@ -50,7 +50,8 @@ def register(params: Mapping[str, Any], jobs: Iterable[str] | None = None,
                           "uri": f"models:/{name}@{CHAMPION}" if mv else None}
     prior = registration_record_path(params)
     merged = load_json(prior) if prior.is_file() else {}
-    summary = {"jobs": {**(merged.get("jobs") or {}), **outcomes}, "champions": {**(merged.get("champions") or {}), **champions}}
+    summary = {"jobs": {**(merged.get("jobs") or {}), **outcomes},
+               "champions": {**(merged.get("champions") or {}), **champions}}
     atomic_write_json(prior, summary)
     return summary
 

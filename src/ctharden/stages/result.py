@@ -131,4 +131,5 @@ class RegisterResult(StageResult):
         """Jobs of this run without a registered model that passed its gate."""
         jobs = self.record["jobs"] if self.name == "all" else [self.name]
         return [job for job in jobs
-                if not any(o["status"] in ("registered", "already registered") for o in self.record["jobs"].get(job, []))]
+                if not any(o["status"] in ("registered", "already registered")
+                           for o in self.record["jobs"].get(job, []))]

@@ -37,8 +37,9 @@ import torch
 from ctharden.config.jobs import job_config
 from ctharden.config.params import section
 from ctharden.config.paths import dataset_dir, train_paths, validation_dir
+from ctharden.config.schema import TrainJob as JobSchema
+from ctharden.config.schema import validate_section
 from ctharden.core.device import select_runtime, set_threads
-from ctharden.core.errors import ConfigError
 from ctharden.core.io import atomic_write_json, atomic_write_text
 from ctharden.core.seeding import init_seed
 from ctharden.data.arrays import ArraySet, load_arrayset
@@ -78,25 +79,10 @@ def build_job_model(cfg: dict[str, Any], task: str, seed: int) -> torch.nn.Modul
 
 
 def _loop_config(cfg: dict[str, Any], seed: int) -> TrainConfig:
-    unknown = set(cfg) - _LOOP_KEYS - {"dataset", "arch", "arch_kwargs", "window_hu", "folds", "device",
-                                       "precision", "threads", "log_system_metrics"}
-    if unknown:
-        raise ConfigError(f"train: unknown keys {sorted(unknown)}")
-    kwargs: dict[str, Any] = {}
-    for name in _LOOP_KEYS & set(cfg):
-        kind = TrainConfig.__dataclass_fields__[name].type  # "int", "float", "str", "bool"
-        value = cfg[name]
-        try:
-            kwargs[name] = {"int": int, "float": float, "str": str}[kind](value) if kind != "bool" else _as_bool(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"train.{name} must be {kind}, got {value!r}") from None
-    return TrainConfig(seed=seed, **kwargs)
-
-
-def _as_bool(value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    raise ValueError(value)
+    """The loop knobs of a merged job config, validated by the schema
+    (:class:`~ctharden.config.schema.TrainJob`); keys the job does not set keep :class:`TrainConfig`'s defaults."""
+    job = validate_section(JobSchema, cfg, ("train",))
+    return TrainConfig(seed=seed, **job.model_dump(include=_LOOP_KEYS & job.model_fields_set))
 
 
 def _evaluate(model: torch.nn.Module, data: ArraySet, runtime: Any) -> tuple[dict[str, Any], np.ndarray]:
@@ -150,7 +136,7 @@ def load_train_job(params: dict[str, Any], job: str) -> TrainJob:
     """Resolve job ``job``'s config and load its validated dataset (no MLflow); sets torch's threads."""
     cfg = job_config(params, job)
     seed = int(section(params, "seed"))
-    ds_name = cfg.get("dataset")
+    ds_name = str(cfg["dataset"])
     ds_dir = dataset_dir(params, ds_name)
     validation = require_validated(ds_dir, validation_dir(params, ds_name))
     info = read_info(ds_dir)
@@ -159,13 +145,13 @@ def load_train_job(params: dict[str, Any], job: str) -> TrainJob:
     threads = set_threads(cfg.get("threads", "auto"))
     probe = build_job_model(cfg, info["task"], seed)
     data = load_arrayset(ds_dir, probe)
-    split = data.manifest["split"].to_numpy()
+    split = data.split
     n_folds = int(info["split"]["n_folds"])
     want = cfg.get("folds", "all")
     return TrainJob(
         job=job, cfg=cfg, seed=seed, dataset=ds_name, info=info, validation=validation, loop_cfg=loop_cfg,
         runtime=runtime, threads=threads, dirs=train_paths(params, job), data=data, split=split,
-        fold_col=data.manifest["fold"].to_numpy(), test=data.subset(split == "test"), n_folds=n_folds,
+        fold_col=data.fold, test=data.subset(split == "test"), n_folds=n_folds,
         folds=list(range(n_folds if want == "all" else min(int(want), n_folds))), profile=params.get("profile"),
     )
 
@@ -224,7 +210,7 @@ def train_one_fold(params: dict[str, Any], job: str, fold: int, parent_run_id: s
         result = train_fold(
             model, tr, va, ctx.loop_cfg, ctx.runtime, ctx.dirs["checkpoints"] / f"fold{fold}" / "last.pt",
             fold=fold, data_hash=info["content_hash"], progress=progress,
-            on_epoch=lambda e, m: mlflow.log_metrics({n: v for n, v in m.items() if np.isfinite(v)}, step=e),
+            on_epoch=lambda e, m: _log_epoch(m, e),
         )
         model.load_state_dict(result.best_state)
         val_m = _evaluate(model, va, ctx.runtime)[0] if va else None
@@ -240,6 +226,14 @@ def train_one_fold(params: dict[str, Any], job: str, fold: int, parent_run_id: s
     row = {"fold": fold, "best_epoch": result.best_epoch, "resumed_from_epoch": result.resumed_from_epoch,
            "val": val_m, "test": test_m, "mlflow_run_id": fold_run.info.run_id, "history": result.history}
     return FoldRecord(row, test_scores)
+
+
+
+def _log_epoch(metrics: dict[str, float], epoch: int) -> None:
+    """One epoch's finite metrics to the active (fold) MLflow run."""
+    import mlflow
+
+    mlflow.log_metrics({n: v for n, v in metrics.items() if np.isfinite(v)}, step=epoch)
 
 
 @contextlib.contextmanager
@@ -337,7 +331,7 @@ def _select_fold(per_fold: list[dict[str, Any]], cfg: TrainConfig) -> dict[str, 
     """The fold whose selected epoch scored best on its own validation fold, by the same rule that
     chose the epoch (:func:`~ctharden.training.loop.selection_score`); the first fold on a tie."""
     def key(f: dict[str, Any]) -> list[float]:
-        best = next((h for h in f["history"] if h["epoch"] == f["best_epoch"]), {})
+        best: dict[str, Any] = next((h for h in f["history"] if h["epoch"] == f["best_epoch"]), {})
         return selection_score(cfg, best)
 
     return max(per_fold, key=key)

@@ -77,7 +77,8 @@ def tune_job(params: dict[str, Any], job: str, *, log_mlflow: bool = True) -> di
         raise ConfigError(f"job {job!r} has a single fold: the ε search needs the selected model's validation "
                           "fold (set split.n_folds >= 2)")
     if hs.method not in EPS_METHODS:
-        result: dict[str, Any] = {"job": job, "method": hs.method, "eps": None, "skipped": f"method {hs.method!r} has no training ε"}
+        result: dict[str, Any] = {"job": job, "method": hs.method, "eps": None,
+                                  "skipped": f"method {hs.method!r} has no training ε"}
         atomic_write_json(paths["metrics"], result)
         return result
     noise = noise_context(params, job, baseline, int(data.train.x.shape[-1])) if hs.method == "nps" else None
@@ -147,7 +148,8 @@ def tune_job(params: dict[str, Any], job: str, *, log_mlflow: bool = True) -> di
                           "accuracy_floor": acc_floor,
                           "split": "validation fold of the selected model",
                           "n_val": len(data.val)},
-            "best_trial": best, "trials": trials, "ima": ima_info, "study": {"name": study.study_name, "storage": str(db)},
+            "best_trial": best, "trials": trials, "ima": ima_info,
+            "study": {"name": study.study_name, "storage": str(db)},
             "baseline": {"model_file": summary["model_file"], "mlflow_run_id": summary["mlflow"]["run_id"],
                          **base_score},
             "settings": {"tune": ts.to_dict(), "harden": hs.to_dict()},

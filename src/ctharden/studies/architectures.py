@@ -81,7 +81,8 @@ def study_params(params: dict[str, Any], job: str, variants: list[str], out: Pat
                           for arch in variants}
     p["paths"] = {**p["paths"], "artifacts": str(out / "artifacts"), "reports": str(out / "reports"),
                   "plots": str(out / "plots"), "metrics": str(out / "metrics")}
-    p["mlflow"] = {**p.get("mlflow", {}), "experiment": f"{p.get('mlflow', {}).get('experiment', 'ctharden')}-architectures"}
+    experiment = p.get("mlflow", {}).get("experiment", "ctharden")
+    p["mlflow"] = {**p.get("mlflow", {}), "experiment": f"{experiment}-architectures"}
     if base.get("dataset") is None:
         raise ConfigError(f"train.jobs.{job} has no dataset")
     return p

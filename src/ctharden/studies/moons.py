@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +41,7 @@ from ctharden.core.errors import ConfigError
 from ctharden.core.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from ctharden.hardening import ima
 from ctharden.hardening.ima import suggest_eps
-from ctharden.hardening.objectives import AdvPGD, CleanCE, RandNoise, Trades, fit_with
+from ctharden.hardening.objectives import AdvPGD, BatchLoss, CleanCE, RandNoise, Trades, fit_with
 from ctharden.reporting.plots import png_bytes
 
 METHODS = ("ce", "adv", "ima", "trades", "rand")
@@ -149,7 +149,7 @@ def train_method(
         _, margins = ima.fit(model, loader, eps_max=eps_max, norm="linf", epochs=epochs, n_pgd=n_pgd, clip=None,
                              device=device, on_epoch=lambda _e, rec: history.append(rec))
         return history, margins
-    losses = {
+    losses: dict[str, Callable[[], BatchLoss]] = {
         "ce": lambda: CleanCE(),
         "adv": lambda: AdvPGD(eps_max, norm="linf", n_pgd=n_pgd, clip=None),
         "trades": lambda: Trades(eps_max, norm="linf", n_pgd=n_pgd, clip=None),
@@ -233,7 +233,8 @@ def markdown_table(results: Mapping[str, Any]) -> str:
                      f"validation clean accuracy {_fmt(res['val_clean_accuracy'])}")
     ima = results.get("ima")
     if ima:
-        lines.append(f"- IMA margins (L∞, final epoch): mean {ima['margin_mean']:.3f}, median {ima['margin_median']:.3f}, "
+        lines.append(f"- IMA margins (L∞, final epoch): mean {ima['margin_mean']:.3f}, "
+                     f"median {ima['margin_median']:.3f}, "
                      f"{ima['share_at_eps_max']:.1%} at ε_max; suggested ε {ima['suggested_eps']:.3f}")
     return "\n".join(lines) + "\n"
 

@@ -72,16 +72,18 @@ def verify_record(params: Mapping[str, Any], record: Mapping[str, Any]) -> dict[
     metrics = Path(record["evaluation"]["metrics"])
     if not metrics.is_file():
         raise DataError(f"{job} ({variant}): evaluation metrics {metrics} not found")
-    result = load_json(metrics).get(job)
+    result: dict[str, Any] | None = load_json(metrics).get(job)
     if result is None:
         raise DataError(f"{job} ({variant}): {metrics} has no evaluation of {job}")
-    for name, row in record["criteria"].items():
+    for row in record["criteria"].values():
         now = result["headline"].get(row["metric"])
         if (now is None) != (row["value"] is None) or (now is not None and float(now) != row["value"]):
             raise DataError(f"{job} ({variant}): {row['metric']} is {now} in {metrics} but the gate decided on "
                             f"{row['value']}; re-run `ctharden gate`")
     if result["model"].get("mlflow_run_id") != record["model"]["mlflow_run_id"]:
-        raise DataError(f"{job} ({variant}): the gate's MLflow run differs from the evaluation's; re-run `ctharden gate`")
+        raise DataError(
+            f"{job} ({variant}): the gate's MLflow run differs from the evaluation's; re-run `ctharden gate`"
+        )
     return result
 
 
@@ -109,13 +111,15 @@ def _version_tags(params: Mapping[str, Any], record: Mapping[str, Any], result: 
         f"{TAG}.git_sha": str(code["git_sha"]), f"{TAG}.git_dirty": str(code["dirty"]),
         f"{TAG}.params_hash": params_hash(params), f"{TAG}.profile": str(params.get("profile")),
         f"{TAG}.model_sha256": record["model"]["sha256"],
-        f"{TAG}.primary": record["primary"]["criterion"], f"{TAG}.primary_value": repr(record["primary"]["value"]),
+        f"{TAG}.primary": record["primary"]["criterion"],
+        f"{TAG}.primary_value": repr(record["primary"]["value"]),
         f"{TAG}.clean_test_auc": repr(result["headline"].get(CLEAN_TEST_AUC)),
         f"{TAG}.report": Path(record["evaluation"]["report"]).resolve().as_uri(),
         f"{TAG}.report_artifact": f"runs:/{run_id}/robustness/index.html",
     }
     for name, row in record["criteria"].items():
-        tags[f"{TAG}.gate.{name}"] = f"{_fmt(row['value'])} {row['op']} {row['threshold']:g}: {'pass' if row['passed'] else 'FAIL'}"
+        verdict = "pass" if row["passed"] else "FAIL"
+        tags[f"{TAG}.gate.{name}"] = f"{_fmt(row['value'])} {row['op']} {row['threshold']:g}: {verdict}"
     if record.get("hardening"):
         h = record["hardening"]
         tags[f"{TAG}.hardening"] = f"{h['method']} eps={h.get('eps')} ({h.get('norm')}, {h.get('eps_source')})"
@@ -158,7 +162,8 @@ def champion_decision(new: Any, champion: Any | None, min_improvement: float, ma
     if p_new is None or p_old is None:
         return False, "primary metric missing on a version"
     if not p_new > p_old + min_improvement:
-        return False, f"{metric_new} {p_new:.4g} does not beat champion v{champion.version}'s {p_old:.4g} by > {min_improvement:g}"
+        return False, (f"{metric_new} {p_new:.4g} does not beat champion v{champion.version}'s {p_old:.4g} "
+                       f"by > {min_improvement:g}")
     a_new, a_old = _float_tag(new, f"{TAG}.clean_test_auc"), _float_tag(champion, f"{TAG}.clean_test_auc")
     if a_old is not None and (a_new is None or a_new < a_old - max_auc_drop):
         return False, (f"{metric_new} {p_new:.4g} beats {p_old:.4g} but clean AUC {a_new} is more than "
@@ -218,10 +223,12 @@ def register_record(params: Mapping[str, Any], record: Mapping[str, Any], client
     client.update_model_version(name, mv.version, description=_description(record, run_id))
     mv = client.get_model_version(name, mv.version)
     client.set_registered_model_alias(name, CHALLENGER, mv.version)
-    promote, why = champion_decision(mv, alias_version(client, name, CHAMPION), gs.min_improvement, gs.max_clean_auc_drop)
+    champion = alias_version(client, name, CHAMPION)
+    promote, why = champion_decision(mv, champion, gs.min_improvement, gs.max_clean_auc_drop)
     if promote:
         client.set_registered_model_alias(name, CHAMPION, mv.version)
-    client.set_model_version_tag(name, mv.version, f"{TAG}.champion_decision", ("promoted: " if promote else "kept: ") + why)
+    decision = ("promoted: " if promote else "kept: ") + why
+    client.set_model_version_tag(name, mv.version, f"{TAG}.champion_decision", decision)
     client.set_model_version_tag(name, mv.version, COMPLETE, "complete")
     client.set_tag(run_id, f"{TAG}.gate", "passed")
     client.set_tag(run_id, f"{TAG}.registered", f"models:/{name}/{mv.version}")

@@ -98,6 +98,8 @@ def run_id_of(ref: str) -> str:
         mv = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
     except MlflowException as exc:
         raise DataError(f"{ref}: not found in the model registry ({exc.message})") from None
+    if mv.run_id is None:
+        raise DataError(f"{ref}: the registered model version has no source MLflow run")
     return mv.run_id
 
 

@@ -17,14 +17,14 @@ from torch.utils.data import Dataset, WeightedRandomSampler
 from ctharden.data.arrays import ArraySet
 
 
-class AugmentedSet(Dataset):
+class AugmentedSet(Dataset[tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]]):
     """Index -> ``(x_aug, y, target, index)``; augmentation is a MONAI ``RandAffine`` (or none)."""
 
     def __init__(self, data: ArraySet, spatial_dims: int, shift_vox: float = 0.0, rotate_deg: float = 0.0):
         self.data = data
         self.transform = None
         if shift_vox > 0 or rotate_deg > 0:
-            from monai.transforms import RandAffine
+            from monai.transforms.spatial.array import RandAffine  # monai.transforms does not re-export it
 
             rot = math.radians(rotate_deg)
             self.transform = RandAffine(
@@ -57,4 +57,7 @@ def balanced_sampler(labels: torch.Tensor, seed: int, balanced: bool = True) -> 
         return torch.utils.data.RandomSampler(range(len(labels)), generator=g)
     counts = torch.bincount(labels, minlength=2).clamp(min=1).float()
     weights = (1.0 / counts)[labels]
-    return WeightedRandomSampler(weights.double(), num_samples=len(labels), replacement=True, generator=g)
+    # torch types weights as Sequence[float]; it takes any tensor-like (torch.as_tensor)
+    return WeightedRandomSampler(
+        weights.double(), num_samples=len(labels), replacement=True, generator=g  # type: ignore[arg-type]
+    )

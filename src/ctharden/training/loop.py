@@ -17,6 +17,7 @@ import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import cast
 
 import torch
 from torch.utils.data import DataLoader
@@ -27,6 +28,7 @@ from ctharden.core.errors import ConfigError
 from ctharden.core.seeding import epoch_seed
 from ctharden.data.arrays import ArraySet
 from ctharden.evaluation.clean import binary_metrics
+from ctharden.models import CTClassifier
 from ctharden.models.files import load_file, save_atomic
 from ctharden.models.predict import predict_scores
 from ctharden.training.data import AugmentedSet, balanced_sampler
@@ -71,7 +73,8 @@ class FoldResult:
 
 def fingerprint(cfg: TrainConfig, model: torch.nn.Module, data_hash: str, fold: int) -> str:
     """Hash of everything that determines a run's result; a checkpoint resumes only under the same one."""
-    blob = json.dumps({"cfg": asdict(cfg), "model": model.config(), "data": data_hash, "fold": fold}, sort_keys=True)
+    config = cast(CTClassifier, model).config()
+    blob = json.dumps({"cfg": asdict(cfg), "model": config, "data": data_hash, "fold": fold}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -79,7 +82,8 @@ def _val_metrics(model: torch.nn.Module, val: ArraySet, cfg: TrainConfig, runtim
 
     outputs, scores = predict_scores(model, val.x, runtime, batch_size=max(cfg.batch_size, 64))
     with torch.no_grad():
-        loss = training_loss(torch.from_numpy(outputs), val.y, val.target, model.output, cfg.loss).item()
+        output = cast(CTClassifier, model).output
+        loss = training_loss(torch.from_numpy(outputs), val.y, val.target, output, cfg.loss).item()
     m = binary_metrics(val.y.numpy(), scores)
     return {"val_loss": loss, "val_auc": m["auc"] if m["auc"] is not None else math.nan,
             "val_accuracy": m["accuracy"]}
@@ -124,7 +128,8 @@ def train_fold(
     Without a validation set (or ``select_on='last'``) the last epoch is selected.
     ``on_epoch(epoch, metrics)`` is called after each completed epoch (e.g. MLflow logging).
     """
-    check_loss(cfg.loss, model.output)
+    clf = cast(CTClassifier, model)  # typed view of ``model``: output, spatial_dims
+    check_loss(cfg.loss, clf.output)
     if val is None or len(val) == 0:
         cfg = TrainConfig(**{**asdict(cfg), "select_on": "last"})
     fp = fingerprint(cfg, model, data_hash, fold)
@@ -145,7 +150,7 @@ def train_fold(
             log.info("ignoring %s: written for another configuration or data", ckpt_path)
     resumed_from = start
 
-    dataset = AugmentedSet(train, model.spatial_dims, cfg.shift_vox, cfg.rotate_deg)
+    dataset = AugmentedSet(train, clf.spatial_dims, cfg.shift_vox, cfg.rotate_deg)
     for epoch in range(start, cfg.epochs):
         if bad_epochs and cfg.early_stopping_patience and bad_epochs >= cfg.early_stopping_patience:
             break
@@ -163,8 +168,8 @@ def train_fold(
             optimizer.zero_grad(set_to_none=True)
             with runtime.autocast():
                 out = model(xb)
-            loss = training_loss(out, yb, tb, model.output, cfg.loss)
-            loss.backward()
+            loss = training_loss(out, yb, tb, clf.output, cfg.loss)
+            loss.backward()  # type: ignore[no-untyped-call]  # torch's Tensor.backward is unannotated
             optimizer.step()
             total += loss.item() * len(xb)
             n += len(xb)

@@ -11,9 +11,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ctharden.config import choices
 from ctharden.core.errors import ConfigError
 
-LOSSES = ("mse", "ce")
+LOSSES = choices.TRAIN_LOSSES
 
 
 def check_loss(loss: str, output: str) -> None:
