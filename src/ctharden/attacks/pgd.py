@@ -232,7 +232,7 @@ def _merge(
     )
 
 
-def _attack(
+def attack_batch(
     model: nn.Module,
     b: AttackBatch,
     *,
@@ -359,7 +359,7 @@ def pgd(
         bf16 = use_bf16(model, x, autocast)
         for sl in batch_slices(n, batch_size):
             b = prepare_batch(model, x[sl], _slice_arg(y, sl, n), _slice_arg(eps, sl, n), clip, output)
-            xa, broken = _attack(
+            xa, broken = attack_batch(
                 model, b, norm=norm, steps=steps, step_size=_slice_arg(step_size, sl, n),
                 restarts=restarts, loss=loss, bf16=bf16, generator=generator, early_stop=early_stop,
             )

@@ -69,7 +69,7 @@ from ctharden.attacks.common import (
     use_bf16,
 )
 from ctharden.attacks.losses import AttackError, attack_loss
-from ctharden.attacks.pgd import RunTrace, _attack, fgsm
+from ctharden.attacks.pgd import RunTrace, attack_batch, fgsm
 
 CHECKS: tuple[str, ...] = (
     "budget",
@@ -153,7 +153,7 @@ def _pgd_traced(
     traces: list[RunTrace] = []
     with attack_mode(model):
         b = prepare_batch(model, x, y, eps, clip, output)
-        xa, broken = _attack(
+        xa, broken = attack_batch(
             model, b, norm=norm, steps=steps, step_size=None, restarts=restarts, loss=loss,
             bf16=bf16, generator=None, traces=traces, early_stop=early_stop,
         )
@@ -252,6 +252,160 @@ def _default_large_eps(x: Tensor, norm: str, clip: tuple[float, float] | None) -
 # ---------------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class PGDSetup:
+    """The PGD settings being vetted (what the evaluation attacks with)."""
+
+    norm: str
+    steps: int
+    restarts: int
+    loss: str
+    clip: Any
+    bf16: bool
+    output: str | None
+    early_stop: bool
+
+    def kwargs(self, *, scale: int = 1) -> dict[str, Any]:
+        """Keyword arguments of :func:`_pgd_traced`; ``scale`` multiplies steps and restarts."""
+        return {"norm": self.norm, "steps": scale * self.steps, "restarts": scale * self.restarts,
+                "loss": self.loss, "clip": self.clip, "bf16": self.bf16, "output": self.output,
+                "early_stop": self.early_stop}
+
+
+Runs = dict[float, tuple[Tensor, Tensor, list[RunTrace]]]  # ε -> (x_adv, broken (N,), traces)
+
+
+def check_budget(x: Tensor, runs: Runs, fgsm_runs: Runs, attack_eps: Sequence[float], norm: str,
+                 clip_range: tuple[float, float] | None) -> dict[str, Any]:
+    """``budget``: every PGD and FGSM output ``(N, ...)`` lies in its ε-ball and the clip range."""
+    excess, outside, within = 0.0, 0.0, True
+    for e in attack_eps:
+        for xa in (runs[e][0], fgsm_runs[e][0]):
+            ex, out = _budget_excess(xa, x, e, norm, clip_range)
+            excess, outside = max(excess, ex), max(outside, out)
+            within = within and ex <= BUDGET_TOL * max(1.0, e)
+    return _check(
+        "budget", within and outside == 0.0, max(excess, outside),
+        f"largest norm excess over ε {excess:.3g}, largest distance outside the clip range {outside:.3g}",
+        norm_excess=excess, clip_excess=outside,
+    )
+
+
+def check_monotone_eps(curve: dict[str, list[float]], tolerance: float) -> dict[str, Any]:
+    """``monotone_eps``: robust accuracy does not rise with ε by more than ``tolerance``."""
+    accs = curve["accuracy"]
+    rise = max([0.0] + [accs[i + 1] - accs[i] for i in range(len(accs) - 1)])
+    return _check(
+        "monotone_eps", rise <= tolerance, rise,
+        f"largest rise of robust accuracy with ε: {rise:.3f} (tolerance {tolerance})",
+        eps=curve["eps"], accuracy=[_r(a) for a in accs],
+    )
+
+
+def check_large_eps_chance(x: Tensor, y: Tensor, pred: Tensor, acc_big: float, big: float, norm: str,
+                           clip_range: tuple[float, float] | None, tolerance: float) -> dict[str, Any]:
+    """``large_eps_chance``: at ``big`` the robust accuracy ``acc_big`` is at most
+    ``min(chance, reachable) + tolerance`` (``y``, ``pred``: ``(N,)`` labels and clean predictions)."""
+    shares = torch.bincount(y, minlength=2).float() / len(y)
+    chance = float(shares.max())
+    reachable = _reachable_bound(x, y, pred, big, norm, clip_range)
+    target = min(chance, reachable)
+    return _check(
+        "large_eps_chance", acc_big <= target + tolerance, acc_big,
+        f"robust accuracy {acc_big:.3f} at ε={big:.4g}; must be <= {target:.3f} + {tolerance} "
+        f"(chance {chance:.3f}, not trivially breakable {reachable:.3f})",
+        large_eps=big, chance=chance, reachable_bound=reachable,
+    )
+
+
+def check_pgd_vs_fgsm(runs: Runs, fgsm_runs: Runs, attack_eps: Sequence[float]) -> dict[str, Any]:
+    """``pgd_vs_fgsm``: no sample is broken by FGSM but not by PGD, at any ε."""
+    fgsm_only = {e: int((fgsm_runs[e][1] & ~runs[e][1]).sum()) for e in attack_eps}
+    worst = max(fgsm_only.values())
+    return _check(
+        "pgd_vs_fgsm", worst == 0, worst,
+        f"samples broken by FGSM but not by PGD: {worst} at worst "
+        f"(FGSM success {[_r(float(fgsm_runs[e][1].float().mean())) for e in attack_eps]})",
+        fgsm_only=[fgsm_only[e] for e in attack_eps], eps=attack_eps,
+    )
+
+
+def check_convergence(model: nn.Module, x: Tensor, y: Tensor, eps: float, base_success: float, setup: PGDSetup,
+                      tolerance: float) -> dict[str, Any]:
+    """``convergence``: PGD with 2× steps and 2× restarts at ``eps`` changes the success rate
+    ``base_success`` by at most ``tolerance``."""
+    _, broken2, _ = _pgd_traced(model, x, y, eps, **setup.kwargs(scale=2))
+    success2 = float(broken2.float().mean())
+    change = abs(success2 - base_success)
+    return _check(
+        "convergence", change <= tolerance, change,
+        f"success {base_success:.3f} with {setup.steps} steps x {setup.restarts} restarts, {success2:.3f} with "
+        f"{2 * setup.steps} x {2 * setup.restarts} at ε={eps:.4g}",
+        eps=eps, success=base_success, success_doubled=success2,
+    )
+
+
+def check_loss_increase(traces: list[RunTrace], eps: float, steps: int, min_loss_up_share: float) -> dict[str, Any]:
+    """``loss_increase``: along the PGD runs at ``eps`` the loss rose for at least
+    ``min_loss_up_share`` of the attacked samples and did not fall on average (per loss)."""
+    # samples a run never attacked (early stop: already broken) have NaN losses and do not count
+    seen = torch.cat([torch.isfinite(t.loss_first) for t in traces])
+    up = torch.cat([(t.loss_last > t.loss_first) for t in traces])[seen].float()
+    up_share = float(up.mean()) if up.numel() else 1.0
+    gains: dict[str, float] = {}
+    for name in {t.loss for t in traces}:
+        diff = torch.cat([(t.loss_last - t.loss_first)[torch.isfinite(t.loss_first)] for t in traces if t.loss == name])
+        gains[name] = float(torch.nan_to_num(diff, nan=0.0, posinf=0.0, neginf=0.0).mean()) if diff.numel() else 0.0
+    stride = max(1, steps // 10)
+    curves = {
+        name: [_r(v) for v in next(t for t in traces if t.loss == name).best_curve[::stride]]
+        for name in gains
+    }
+    return _check(
+        "loss_increase", up_share >= min_loss_up_share and all(g >= 0 for g in gains.values()), up_share,
+        f"loss rose along PGD for {up_share:.1%} of samples (need {min_loss_up_share:.0%}); "
+        f"mean gain {', '.join(f'{k} {v:.3g}' for k, v in sorted(gains.items()))} at ε={eps:.4g}",
+        eps=eps, mean_gain=gains, best_so_far_curve=curves,
+    )
+
+
+def check_zero_gradient(model: nn.Module, x: Tensor, y: Tensor, output: str | None,
+                        max_zero_grad_share: float) -> dict[str, Any]:
+    """``zero_gradient``: at most ``max_zero_grad_share`` of the samples have an all-zero or
+    non-finite input gradient of the margin loss at the clean input (CE's share is reported)."""
+    zero_share: dict[str, float] = {}
+    for name in ("margin", "ce"):
+        g = _input_gradient(model, x, y, name, output).flatten(1)
+        bad = (g == 0).all(1) | (~torch.isfinite(g)).any(1)
+        zero_share[name] = float(bad.float().mean())
+    return _check(
+        "zero_gradient", zero_share["margin"] <= max_zero_grad_share, zero_share["margin"],
+        f"{zero_share['margin']:.1%} of samples have an all-zero or non-finite input gradient "
+        f"(margin loss; CE: {zero_share['ce']:.1%}); limit {max_zero_grad_share:.0%}",
+        share_margin=zero_share["margin"], share_ce=zero_share["ce"],
+    )
+
+
+def check_random_vs_gradient(model: nn.Module, x: Tensor, y: Tensor, runs: Runs, acc: dict[float, float],
+                             attack_eps: Sequence[float], setup: PGDSetup, n_random: int,
+                             tolerance: float) -> dict[str, Any]:
+    """``random_vs_gradient``: random noise of the same size (``n_random`` draws per ε) breaks at
+    most ``tolerance`` of the samples that PGD does not break, at every ε."""
+    random_only, random_rate = [], []
+    for e in attack_eps:
+        rb = _random_broken(model, x, y, e, setup.norm, setup.clip, n_random, setup.output)
+        random_only.append(float((rb & ~runs[e][1]).float().mean()))
+        random_rate.append(float(rb.float().mean()))
+    worst_random = max(random_only)
+    return _check(
+        "random_vs_gradient", worst_random <= tolerance, worst_random,
+        f"share of samples broken by random noise ({n_random} draws) but not by PGD: {worst_random:.3f} "
+        f"at worst (tolerance {tolerance})",
+        eps=attack_eps, random_only=[_r(v) for v in random_only], random_success=[_r(v) for v in random_rate],
+        pgd_success=[_r(1 - acc[e]) for e in attack_eps],
+    )
+
+
 def run_sanity_checks(
     model: nn.Module,
     x: Tensor,
@@ -273,7 +427,8 @@ def run_sanity_checks(
     output: str | None = None,
     early_stop: bool = False,
 ) -> SanityReport:
-    """Run the eight checks of the module docstring on one batch; see :class:`SanityReport`.
+    """Run the eight checks of the module docstring on one batch (one function each, in the order
+    of :data:`CHECKS`); see :class:`SanityReport`.
 
     Args:
         model, x, y: as for :func:`~ctharden.attacks.pgd` (x in model-input units).
@@ -307,153 +462,46 @@ def run_sanity_checks(
     big = float(large_eps) if large_eps is not None else _default_large_eps(x, norm, clip_range)
     if not big > 0:
         raise AttackError(f"large_eps must be > 0, got {large_eps!r}")
-    bf16 = use_bf16(model, x, autocast)
+    setup = PGDSetup(norm, steps, restarts, loss, clip, use_bf16(model, x, autocast), output, early_stop)
 
     with attack_mode(model):
         b0 = prepare_batch(model, x, y, 0.0, None, output)
         pred, ylong = b0.adapter.predict(b0.clean_z), b0.y
     clean_acc = 1.0 - float((pred != ylong).float().mean())
 
-    # PGD at every ε, and at the large ε
+    # The attacks the checks share, in this order (it fixes the random draws): PGD at every ε and
+    # at the large ε, FGSM there, then PGD at check_eps if it is not among them.
     attack_eps = sorted(set(eps_values) | {big})
-    runs = _pgd_sweep(
-        model, x, y, attack_eps, norm=norm, steps=steps, restarts=restarts, loss=loss, clip=clip,
-        bf16=bf16, output=output, early_stop=early_stop,
-    )
+    runs = _pgd_sweep(model, x, y, attack_eps, **setup.kwargs())
     acc = {e: 1.0 - float(runs[e][1].float().mean()) for e in attack_eps}
     curve = {"eps": [0.0, *attack_eps], "accuracy": [clean_acc, *(acc[e] for e in attack_eps)]}
-
-    checks: list[dict[str, Any]] = []
-
-    # 1. budget (PGD and FGSM outputs)
-    fgsm_runs = {e: fgsm(model, x, y, e, norm=norm, loss=loss, clip=clip, output=output) for e in attack_eps}
-    excess, outside, within = 0.0, 0.0, True
-    for e in attack_eps:
-        for xa in (runs[e][0], fgsm_runs[e][0]):
-            ex, out = _budget_excess(xa, x, e, norm, clip_range)
-            excess, outside = max(excess, ex), max(outside, out)
-            within = within and ex <= BUDGET_TOL * max(1.0, e)
-    checks.append(_check(
-        "budget", within and outside == 0.0, max(excess, outside),
-        f"largest norm excess over ε {excess:.3g}, largest distance outside the clip range {outside:.3g}",
-        norm_excess=excess, clip_excess=outside,
-    ))
-
-    # 2a. monotone in ε
-    accs = curve["accuracy"]
-    rise = max([0.0] + [accs[i + 1] - accs[i] for i in range(len(accs) - 1)])
-    checks.append(_check(
-        "monotone_eps", rise <= tolerance, rise,
-        f"largest rise of robust accuracy with ε: {rise:.3f} (tolerance {tolerance})",
-        eps=curve["eps"], accuracy=[_r(a) for a in accs],
-    ))
-
-    # 2b. chance level at the large ε
-    shares = torch.bincount(ylong, minlength=2).float() / len(ylong)
-    chance = float(shares.max())
-    reachable = _reachable_bound(x, ylong, pred, big, norm, clip_range)
-    target = min(chance, reachable)
-    acc_big = acc[big]
-    checks.append(_check(
-        "large_eps_chance", acc_big <= target + tolerance, acc_big,
-        f"robust accuracy {acc_big:.3f} at ε={big:.4g}; must be <= {target:.3f} + {tolerance} "
-        f"(chance {chance:.3f}, not trivially breakable {reachable:.3f})",
-        large_eps=big, chance=chance, reachable_bound=reachable,
-    ))
-
-    # 3. PGD at least as strong as FGSM, per sample
-    fgsm_only = {e: int((fgsm_runs[e][1] & ~runs[e][1]).sum()) for e in attack_eps}
-    worst = max(fgsm_only.values())
-    checks.append(_check(
-        "pgd_vs_fgsm", worst == 0, worst,
-        f"samples broken by FGSM but not by PGD: {worst} at worst "
-        f"(FGSM success {[_r(float(fgsm_runs[e][1].float().mean())) for e in attack_eps]})",
-        fgsm_only=[fgsm_only[e] for e in attack_eps], eps=attack_eps,
-    ))
-
-    # choose the ε for convergence and loss checks
+    fgsm_runs: Runs = {e: fgsm(model, x, y, e, norm=norm, loss=loss, clip=clip, output=output) + ([],)
+                       for e in attack_eps}
     if check_eps is not None:
         ce_eps = float(check_eps)
         if ce_eps not in runs:
-            runs[ce_eps] = _pgd_traced(
-                model, x, y, ce_eps, norm=norm, steps=steps, restarts=restarts, loss=loss, clip=clip,
-                bf16=bf16, output=output, early_stop=early_stop,
-            )
+            runs[ce_eps] = _pgd_traced(model, x, y, ce_eps, **setup.kwargs())
     elif eps_values:
         ce_eps = min(eps_values, key=lambda e: (abs(acc[e] - clean_acc / 2), e))
     else:
         ce_eps = big
     base_success = float(runs[ce_eps][1].float().mean())
 
-    # 4. convergence: 2x steps and 2x restarts
-    _, broken2, _ = _pgd_traced(
-        model, x, y, ce_eps, norm=norm, steps=2 * steps, restarts=2 * restarts, loss=loss, clip=clip,
-        bf16=bf16, output=output, early_stop=early_stop,
-    )
-    success2 = float(broken2.float().mean())
-    change = abs(success2 - base_success)
-    checks.append(_check(
-        "convergence", change <= tolerance, change,
-        f"success {base_success:.3f} with {steps} steps x {restarts} restarts, {success2:.3f} with "
-        f"{2 * steps} x {2 * restarts} at ε={ce_eps:.4g}",
-        eps=ce_eps, success=base_success, success_doubled=success2,
-    ))
-
-    # 5. the loss goes up along PGD
-    traces = runs[ce_eps][2]
-    # samples a run never attacked (early stop: already broken) have NaN losses and do not count
-    seen = torch.cat([torch.isfinite(t.loss_first) for t in traces])
-    up = torch.cat([(t.loss_last > t.loss_first) for t in traces])[seen].float()
-    up_share = float(up.mean()) if up.numel() else 1.0
-    gains: dict[str, float] = {}
-    for name in {t.loss for t in traces}:
-        diff = torch.cat([(t.loss_last - t.loss_first)[torch.isfinite(t.loss_first)] for t in traces if t.loss == name])
-        gains[name] = float(torch.nan_to_num(diff, nan=0.0, posinf=0.0, neginf=0.0).mean()) if diff.numel() else 0.0
-    stride = max(1, steps // 10)
-    curves = {
-        name: [_r(v) for v in next(t for t in traces if t.loss == name).best_curve[::stride]]
-        for name in gains
-    }
-    checks.append(_check(
-        "loss_increase", up_share >= min_loss_up_share and all(g >= 0 for g in gains.values()), up_share,
-        f"loss rose along PGD for {up_share:.1%} of samples (need {min_loss_up_share:.0%}); "
-        f"mean gain {', '.join(f'{k} {v:.3g}' for k, v in sorted(gains.items()))} at ε={ce_eps:.4g}",
-        eps=ce_eps, mean_gain=gains, best_so_far_curve=curves,
-    ))
-
-    # 6. zero or non-finite input gradients at the clean input
-    zero_share: dict[str, float] = {}
-    for name in ("margin", "ce"):
-        g = _input_gradient(model, x, y, name, output).flatten(1)
-        bad = (g == 0).all(1) | (~torch.isfinite(g)).any(1)
-        zero_share[name] = float(bad.float().mean())
-    checks.append(_check(
-        "zero_gradient", zero_share["margin"] <= max_zero_grad_share, zero_share["margin"],
-        f"{zero_share['margin']:.1%} of samples have an all-zero or non-finite input gradient "
-        f"(margin loss; CE: {zero_share['ce']:.1%}); limit {max_zero_grad_share:.0%}",
-        share_margin=zero_share["margin"], share_ce=zero_share["ce"],
-    ))
-
-    # 7. random noise of the same size vs the gradient attack
-    random_only, random_rate = [], []
-    for e in attack_eps:
-        rb = _random_broken(model, x, y, e, norm, clip, n_random, output)
-        random_only.append(float((rb & ~runs[e][1]).float().mean()))
-        random_rate.append(float(rb.float().mean()))
-    worst_random = max(random_only)
-    checks.append(_check(
-        "random_vs_gradient", worst_random <= tolerance, worst_random,
-        f"share of samples broken by random noise ({n_random} draws) but not by PGD: {worst_random:.3f} "
-        f"at worst (tolerance {tolerance})",
-        eps=attack_eps, random_only=[_r(v) for v in random_only], random_success=[_r(v) for v in random_rate],
-        pgd_success=[_r(1 - acc[e]) for e in attack_eps],
-    ))
-
+    checks = [
+        check_budget(x, runs, fgsm_runs, attack_eps, norm, clip_range),
+        check_monotone_eps(curve, tolerance),
+        check_large_eps_chance(x, ylong, pred, acc[big], big, norm, clip_range, tolerance),
+        check_pgd_vs_fgsm(runs, fgsm_runs, attack_eps),
+        check_convergence(model, x, y, ce_eps, base_success, setup, tolerance),
+        check_loss_increase(runs[ce_eps][2], ce_eps, steps, min_loss_up_share),
+        check_zero_gradient(model, x, y, output, max_zero_grad_share),
+        check_random_vs_gradient(model, x, y, runs, acc, attack_eps, setup, n_random, tolerance),
+    ]
     settings = {
         "norm": norm, "steps": steps, "restarts": restarts, "loss": loss,
         "clip": list(clip_range) if clip_range else None,
         "tolerance": tolerance, "large_eps": big, "check_eps": ce_eps, "n_random": n_random,
-        "n": int(x.shape[0]), "autocast": bf16, "early_stop": bool(early_stop),
+        "n": int(x.shape[0]), "autocast": setup.bf16, "early_stop": bool(early_stop),
     }
     return SanityReport(checks=checks, curve=curve, settings=settings)
 
