@@ -27,11 +27,12 @@ def test_harden_pipeline_end_to_end_then_cached(harness: None, tmp_path: Path) -
     then the same flow again: every stage comes from Prefect's cache (same MLflow runs, no retraining)."""
     from prefect.client.orchestration import get_client
 
-    result = harden_pipeline(profile="smoke", params_path=str(REPO / "params.yaml"), overrides=stage_overrides(tmp_path))
+    result = harden_pipeline(profile="smoke", params_path=str(REPO / "params.yaml"),
+                             overrides=stage_overrides(tmp_path))
     summaries = result["data"]
     assert set(summaries) == {"lidc", "covid", "synthetic_nodule3d"}
     assert set(result["train"]) == {"nodule3d", "covid2d"}
-    for job, trained in result["train"].items():
+    for trained in result["train"].values():
         assert trained.model_file.is_file() and trained.run_id
         assert trained.record["dataset_hash"] == summaries[trained.record["dataset"]].content_hash
     assert all(s.success for s in summaries.values())

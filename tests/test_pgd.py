@@ -199,9 +199,9 @@ def test_pgd_breaks_an_undefended_model(
     curve = robust_accuracy_curve(trained, x, y, eps_list, norm=norm, steps=50, loss="both")
     acc = curve["accuracy"]
     assert curve["eps"][0] == 0.0 and acc[0] == 1.0 and acc[-1] <= 0.05
-    assert all(b <= a for a, b in zip(acc, acc[1:]))
+    assert all(b <= a for a, b in zip(acc, acc[1:], strict=False))
     eps = curve["eps"]
-    trapezoid = sum((e1 - e0) * (a0 + a1) / 2 for e0, e1, a0, a1 in zip(eps, eps[1:], acc, acc[1:]))
+    trapezoid = sum((e1 - e0) * (a0 + a1) / 2 for e0, e1, a0, a1 in zip(eps, eps[1:], acc, acc[1:], strict=False))
     assert curve["auc"] == pytest.approx(trapezoid / large)
 
 

@@ -499,7 +499,7 @@ def test_dataset_size() -> None:
 
     class Stream(IterableDataset):
         def __iter__(self):  # type: ignore[no-untyped-def]
-            yield from zip(x, y)
+            yield from zip(x, y, strict=True)
 
     with pytest.raises(ConfigError):
         dataset_size(DataLoader(Stream(), batch_size=4))
