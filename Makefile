@@ -38,5 +38,9 @@ lint: install
 test: data lint
 	python -m pytest
 
+# The suite without the tests marked slow (pyproject.toml: training, the smoke pipeline, servers).
+test-fast: data
+	python -m pytest -m "not slow" -q
+
 clean:
 	rm -rf artifacts reports $(VENV)

@@ -6,20 +6,17 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import REPO, stage_overrides
+from conftest import REPO, SmokeTree, stage_overrides
 
 from ctharden.config.params import load_params
 from ctharden.core.errors import ConfigError
-from ctharden.stages import ingest as ingest_stage
-from ctharden.stages import validate as validate_stage
 from ctharden.studies.architectures import default_variants, format_study, run_architecture_study
 
 
 @pytest.mark.slow
-def test_study_trains_each_variant_and_attacks_it(tmp_path: Path) -> None:
+def test_study_trains_each_variant_and_attacks_it(smoke_datasets: SmokeTree, tmp_path: Path) -> None:
+    smoke_datasets.copy_to(tmp_path)  # the smoke datasets, ingested and validated; the study writes next to them
     params = load_params(REPO / "params.yaml", "smoke", stage_overrides(tmp_path))
-    ingest_stage.run(params, "synthetic_nodule3d")
-    validate_stage.run(params, "synthetic_nodule3d")
     out = tmp_path / "study"
     study = run_architecture_study(params, variants=["nodule3d", "nodule3d_fiveclass"], mas=10.0, k=3, out=out)
     assert [r["arch"] for r in study["rows"]] == ["nodule3d", "nodule3d_fiveclass"]

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import REPO, stage_overrides
+from conftest import REPO, SmokeTree, stage_overrides
 from torch import nn
 
 from ctharden.config.robustness import parse_settings
@@ -113,20 +113,17 @@ def harness() -> Iterator[None]:
         yield
 
 
-def _smoke_params(tmp: Path) -> dict[str, Any]:
-    """Smoke profile under ``tmp``, nodule3d with 2 folds (2 fold tasks, 2 models per NPS attack)."""
+def _smoke_params(datasets: SmokeTree, tmp: Path) -> dict[str, Any]:
+    """Smoke profile under ``tmp`` (a copy of the session's ingested and validated datasets),
+    nodule3d with 2 folds (2 fold tasks, 2 models per NPS attack)."""
     from ctharden.config.params import load_params
-    from ctharden.stages import ingest as ingest_stage
-    from ctharden.stages import validate as validate_stage
 
-    params = load_params(REPO / "params.yaml", "smoke", [*stage_overrides(tmp), "train.jobs.nodule3d.folds=2"])
-    ingest_stage.run(params, "synthetic_nodule3d")
-    validate_stage.run(params, "synthetic_nodule3d")
-    return params
+    datasets.copy_to(tmp)
+    return load_params(REPO / "params.yaml", "smoke", [*stage_overrides(tmp), "train.jobs.nodule3d.folds=2"])
 
 
 @pytest.mark.slow
-def test_dask_flow_gives_the_serial_results(harness: None, tmp_path: Path) -> None:
+def test_dask_flow_gives_the_serial_results(harness: None, smoke_datasets: SmokeTree, tmp_path: Path) -> None:
     import mlflow
     from prefect import flow
 
@@ -136,7 +133,7 @@ def test_dask_flow_gives_the_serial_results(harness: None, tmp_path: Path) -> No
     from ctharden.stages import train as train_stage
 
     serial_dir, dask_dir = tmp_path / "serial", tmp_path / "dask"
-    params = _smoke_params(serial_dir)
+    params = _smoke_params(smoke_datasets, serial_dir)
     serial_summary = train_stage.run(params, "nodule3d", progress=False).record
     serial_eval = evaluate_stage.run(params, "baseline", ["nodule3d"])
 
@@ -144,7 +141,7 @@ def test_dask_flow_gives_the_serial_results(harness: None, tmp_path: Path) -> No
     def fanout_flow(params: dict[str, Any]) -> tuple[Any, Any]:
         return train_fanout(params, "nodule3d"), evaluate_fanout(params, jobs=["nodule3d"])
 
-    dparams = _smoke_params(dask_dir)
+    dparams = _smoke_params(smoke_datasets, dask_dir)
     env = {k: os.environ.get(k) for k in ("PREFECT_API_URL", "OMP_NUM_THREADS", "MALLOC_TRIM_THRESHOLD_")}
     trained, evaluated = fanout_flow(dparams)
     summary = trained.record

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import REPO, free_port, stage_overrides, wait_healthy
+from conftest import REPO, SmokeTree, free_port, stage_overrides, wait_healthy
 
 from ctharden.flows.deployments import NIGHTLY_CRON, NIGHTLY_NAME, WEEKLY_CRON, WEEKLY_NAME, deployments
 from ctharden.flows.pipeline import harden_pipeline, reevaluate_champion
@@ -134,24 +134,16 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         _stop(proc)
 
 
-def prepare_champion(tmp: Path) -> dict[str, Any]:
-    """The library on the smoke profile, every output under ``tmp``: data -> train -> evaluate -> gate ->
-    register nodule3d (the champion the nightly run re-evaluates)."""
-    from ctharden.config.params import load_params
+def prepare_champion(smoke_tree: SmokeTree, tmp: Path) -> dict[str, Any]:
+    """The library on the smoke profile, every output under ``tmp``: data -> train -> evaluate (a copy
+    of the session's smoke tree) -> gate -> register nodule3d (the champion the nightly run re-evaluates)."""
     from ctharden.config.paths import dataset_names
-    from ctharden.stages import evaluate as evaluate_stage
     from ctharden.stages import gate as gate_stage
-    from ctharden.stages import ingest as ingest_stage
     from ctharden.stages import register as register_stage
-    from ctharden.stages import train as train_stage
-    from ctharden.stages import validate as validate_stage
 
-    params = load_params(REPO / "params.yaml", "smoke", stage_overrides(tmp))
-    for name in dataset_names(params):
-        ingest_stage.run(params, name)
-        validate_stage.run(params, name)
-    train_stage.run(params, "nodule3d", progress=False)
-    evaluate_stage.run(params, "baseline", ["nodule3d"])
+    tree = smoke_tree.copy_to(tmp)
+    params = tree.params
+    assert set(tree.validate) == set(dataset_names(params)) and "nodule3d" in tree.evaluate.jobs
     gated = gate_stage.run(params, "baseline", ["nodule3d"]).record
     assert gated["baseline"]["nodule3d"]["passed"], "the smoke profile's lenient gate passes the baseline"
     summary = register_stage.run(params, "nodule3d", ["baseline"]).record
@@ -196,14 +188,14 @@ async def _artifact(key: str, flow_run_id: Any) -> Any:
 
 
 @pytest.mark.slow
-def test_served_nightly_deployment_reevaluates_the_champion(server: str, tmp_path: Path) -> None:
+def test_served_nightly_deployment_reevaluates_the_champion(server: str, smoke_tree: SmokeTree, tmp_path: Path) -> None:
     import mlflow
     from prefect.deployments import run_deployment
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from ctharden.tracking.runs import configure, tracking_from_params
 
-    champion = prepare_champion(tmp_path)
+    champion = prepare_champion(smoke_tree, tmp_path)
     log = tmp_path / "serve.log"
     serve = None
     try:

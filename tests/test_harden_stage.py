@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import REPO, stage_overrides
+from conftest import REPO, SmokeTree, stage_overrides
 
 from ctharden.config.params import load_params
 from ctharden.core.errors import ConfigError, DataError
@@ -20,19 +20,12 @@ def _params(tmp: Path, *extra: str) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A smoke-profile nodule3d baseline, trained and evaluated, in a temp tree."""
-    from ctharden.stages import evaluate as evaluate_stage
-    from ctharden.stages import ingest as ingest_stage
-    from ctharden.stages import train as train_stage
-    from ctharden.stages import validate as validate_stage
-
+def trained(smoke_tree: SmokeTree, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A smoke-profile nodule3d baseline, trained and evaluated, in a temp tree: a copy of the
+    session's smoke tree (the module tunes, hardens and evaluates into it)."""
     tmp = tmp_path_factory.mktemp("harden")
-    params = _params(tmp)
-    ingest_stage.run(params, "synthetic_nodule3d")
-    validate_stage.run(params, "synthetic_nodule3d")
-    train_stage.run(params, JOB, progress=False)
-    evaluate_stage.run(params, "baseline", [JOB])
+    tree = smoke_tree.copy_to(tmp)
+    assert tree.train[JOB].model_file.is_relative_to(tmp) and tree.evaluate.jobs[JOB]["n_models"] >= 1
     return tmp
 
 
@@ -43,6 +36,7 @@ def tuned(trained: Path) -> dict[str, Any]:
     return tune_stage.run(_params(trained, "tune.defaults.n_trials=3"), JOB).record
 
 
+@pytest.mark.slow
 def test_tune_enqueues_ima_suggestion_and_anchors_then_tpe(tuned: dict[str, Any], trained: Path) -> None:
     import optuna
 
@@ -67,6 +61,7 @@ def test_tune_enqueues_ima_suggestion_and_anchors_then_tpe(tuned: dict[str, Any]
     assert metrics["eps"] == tuned["eps"] == tuned["best_trial"]["eps"]
 
 
+@pytest.mark.slow
 def test_tune_trials_are_nested_mlflow_runs(tuned: dict[str, Any], trained: Path) -> None:
     import mlflow
 
@@ -103,6 +98,7 @@ def test_choice_respects_the_constraint() -> None:
     assert not ok and best["number"] == 1  # none feasible: the highest AUC, flagged
 
 
+@pytest.mark.slow
 def test_harden_and_hardened_evaluation(tuned: dict[str, Any], trained: Path) -> None:
     from ctharden.stages import evaluate as evaluate_stage
     from ctharden.stages import harden as harden_stage
@@ -132,6 +128,7 @@ def test_harden_and_hardened_evaluation(tuned: dict[str, Any], trained: Path) ->
     assert baseline[JOB].get("variant", "baseline") == "baseline"  # the baseline metrics are untouched
 
 
+@pytest.mark.slow
 def test_harden_needs_an_eps(trained: Path) -> None:
     from ctharden.stages import harden as harden_stage
 
@@ -142,7 +139,7 @@ def test_harden_needs_an_eps(trained: Path) -> None:
 
 @pytest.mark.parametrize("override,message", [
     ("harden.defaults.method=magic", "harden.method"),
-    ("harden.jobs.nodule3d.compare=[adv, foo]", "unknown methods"),
+    ("harden.jobs.nodule3d.compare=[adv, foo]", r"compare\[1\] = 'foo'.* must be one of adv, ima"),
     ("harden.jobs.nodule3d.epochs=0", "harden.epochs"),
     ("tune.defaults.eps_low=0.1", "eps_low must be below"),
     ("tune.defaults.anchors=[0.9]", "anchors must lie"),
@@ -153,16 +150,18 @@ def test_bad_settings_fail_before_work(tmp_path: Path, override: str, message: s
     from ctharden.stages import harden as harden_stage
     from ctharden.stages import tune as tune_stage
 
-    params = _params(tmp_path, override)
-    with pytest.raises(ConfigError, match=message):
+    with pytest.raises(ConfigError, match=message):  # the params schema may refuse it already when loading
+        params = _params(tmp_path, override)
         tune_stage.run(params, JOB) if override.startswith("tune") else harden_stage.run(params, JOB)
 
 
-def test_an_infeasible_floor_is_reported(trained: Path) -> None:
-    """Runs last: it replaces the module's tune metrics."""
+@pytest.mark.slow
+def test_an_infeasible_floor_is_reported(smoke_tree: SmokeTree, tmp_path: Path) -> None:
+    """On its own copy of the trained tree: it writes tune metrics."""
     from ctharden.stages import tune as tune_stage
 
-    params = _params(trained, "tune.defaults.n_trials=1", "tune.defaults.ima_seed=false",
+    smoke_tree.copy_to(tmp_path)
+    params = _params(tmp_path, "tune.defaults.n_trials=1", "tune.defaults.ima_seed=false",
                      "tune.defaults.min_clean_auc=1.0")
     res = tune_stage.run(params, JOB).record
     assert res["ima"] is None and len(res["trials"]) == 1

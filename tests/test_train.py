@@ -63,6 +63,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], d
     return params, summary, tmp
 
 
+@pytest.mark.slow  # the module's training job (`trained`): ~85 s on a 2-core CPU
 def test_training_learns_separable_data(trained: tuple[dict, dict, Path]) -> None:
     _, summary, _ = trained
     assert len(summary["folds"]) == 2
@@ -74,6 +75,7 @@ def test_training_learns_separable_data(trained: tuple[dict, dict, Path]) -> Non
     assert Path(summary["model_file"]).is_file()
 
 
+@pytest.mark.slow  # the module's training job (`trained`): ~85 s on a 2-core CPU
 def test_outputs_on_disk(trained: tuple[dict, dict, Path]) -> None:
     _, summary, tmp = trained
     assert (tmp / "metrics" / "train" / "toy.json").is_file()
@@ -84,6 +86,7 @@ def test_outputs_on_disk(trained: tuple[dict, dict, Path]) -> None:
         assert (tmp / "plots" / "train" / "toy" / f).is_file()
 
 
+@pytest.mark.slow  # the module's training job (`trained`): ~85 s on a 2-core CPU
 def test_mlflow_run_content(trained: tuple[dict, dict, Path]) -> None:
     import mlflow
 
@@ -118,6 +121,7 @@ def test_mlflow_run_content(trained: tuple[dict, dict, Path]) -> None:
         np.testing.assert_allclose(logged(x).numpy(), model(x).numpy(), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow  # the module's training job (`trained`): ~85 s on a 2-core CPU
 def test_evaluate_by_file_and_run_id(trained: tuple[dict, dict, Path]) -> None:
     from ctharden.stages.evaluate_external import evaluate_model
     from ctharden.tracking.runs import configure, tracking_from_params
@@ -131,6 +135,7 @@ def test_evaluate_by_file_and_run_id(trained: tuple[dict, dict, Path]) -> None:
     assert by_run["metrics"] == by_file["metrics"] and by_run["validated"]
 
 
+@pytest.mark.slow  # the module's training job (`trained`): ~85 s on a 2-core CPU
 def test_evaluate_refuses_mismatched_task(trained: tuple[dict, dict, Path], tmp_path: Path) -> None:
     from ctharden.stages.evaluate_external import evaluate_model
 
