@@ -20,6 +20,7 @@ COMMANDS = [[], ["ingest"], ["ingest", "lidc"], ["ingest", "covid"], ["ingest", 
 
 def run(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "COLUMNS": "200"}
+    # a hang guard: one command took at most 8.5 s (14 s on a loaded machine) on a 2-core CPU
     return subprocess.run([*CLI, *args], cwd=cwd, capture_output=True, text=True, timeout=300, env=env)
 
 
@@ -37,6 +38,7 @@ def test_bad_input_is_one_line_and_non_zero(tmp_path: Path) -> None:
     assert r.returncode == 1 and "unknown profile 'nope'" in r.stderr
 
 
+@pytest.mark.slow  # three CLI runs that import the whole stack: 24 s on a 2-core CPU
 def test_validate_gates_a_corrupted_dataset(tmp_path: Path) -> None:
     out = tmp_path / "ds"
     r = run("ingest", "synthetic", "--task", "nodule3d", "--out", str(out), "--n", "12", "--seed", "3")
@@ -52,6 +54,7 @@ def test_validate_gates_a_corrupted_dataset(tmp_path: Path) -> None:
     assert victim.stem in bad.stderr and "nan_count" in bad.stderr
 
 
+@pytest.mark.slow  # three CLI runs that import the whole stack: 13 s on a 2-core CPU
 def test_stage_commands_use_params_and_profiles(tmp_path: Path) -> None:
     sets = [a for o in stage_overrides(tmp_path) for a in ("--set", o)]
     r = run("--profile", "smoke", *sets, "stage", "ingest", "synthetic_nodule3d")
@@ -68,6 +71,7 @@ def test_lidc_count_only_prints_the_funnel() -> None:
     assert "nodules_ge3mm" in r.stdout and "1226" in r.stdout and "counted here: 6 nodules" in r.stdout
 
 
+@pytest.mark.slow  # three CLI runs that import the whole stack: 41 s on a 2-core CPU
 def test_evaluate_refuses_untrained_jobs_and_half_given_options(tmp_path: Path) -> None:
     over = [a for o in stage_overrides(tmp_path) for a in ("--set", o)]
     r = run("--profile", "smoke", *over, "evaluate", "nodule3d")

@@ -128,7 +128,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             stdout=out, stderr=subprocess.STDOUT, cwd=home)
     try:
         url = f"http://127.0.0.1:{port}/api"
-        wait_healthy(f"{url}/health", proc, log, "prefect server")
+        wait_healthy(f"{url}/health", proc, log, "prefect server")  # measured 11-17 s
         yield url
     finally:
         _stop(proc)
@@ -208,14 +208,15 @@ def test_served_nightly_deployment_reevaluates_the_champion(server: str, smoke_t
                          PREFECT_RUNNER_POLL_FREQUENCY="2"),
                 stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
         with temporary_settings({PREFECT_API_URL: server}):
-            found = asyncio.run(_wait_for_deployments([NIGHTLY, WEEKLY], 90, serve, log))
+            # hang guards: the deployments appeared after 13 s, the nightly run took 29 s (2-core CPU)
+            found = asyncio.run(_wait_for_deployments([NIGHTLY, WEEKLY], 300, serve, log))
             for name, cron in ((NIGHTLY, NIGHTLY_CRON), (WEEKLY, WEEKLY_CRON)):
                 (sched,) = found[name].schedules
                 assert (sched.schedule.cron, sched.schedule.timezone, sched.active) == (cron, "UTC", True)
                 assert found[name].parameters["profile"] == "smoke"
                 assert found[name].parameters["overrides"] == stage_overrides(tmp_path)
 
-            run = run_deployment(NIGHTLY, parameters={"jobs": ["nodule3d"]}, timeout=180, poll_interval=2,
+            run = run_deployment(NIGHTLY, parameters={"jobs": ["nodule3d"]}, timeout=600, poll_interval=2,
                                  as_subflow=False)
             assert run.state is not None and run.state.is_completed(), (
                 f"nightly run ended {run.state}:\n{log.read_text()[-8000:]}")
@@ -250,7 +251,7 @@ def test_prefect_yaml_deploys_to_a_process_work_pool(server: str, tmp_path: Path
                 await client.create_work_pool(WorkPoolCreate(name=POOL, type="process"), overwrite=True)
         asyncio.run(pool())
         done = subprocess.run([str(BIN / "prefect"), "--no-prompt", "deploy", "--all"], env=env, cwd=REPO,
-                              capture_output=True, text=True, timeout=180)
+                              capture_output=True, text=True, timeout=180)  # a hang guard: measured 12 s
         assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
 
         async def read() -> dict[str, Any]:

@@ -17,7 +17,7 @@ from ctharden.flows.pipeline import data_flow, harden_pipeline, ingest_task
 def harness() -> Iterator[None]:
     from prefect.testing.utilities import prefect_test_harness
 
-    with prefect_test_harness(server_startup_timeout=90):
+    with prefect_test_harness(server_startup_timeout=300):  # a hang guard: the server started in 13-23 s
         yield
 
 
