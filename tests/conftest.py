@@ -17,6 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "data"
 LIDC_SAMPLE = DATA / "lidc_idri_sample"
 COVID_SAMPLE = DATA / "covid_ct_soares"
+LIDC_CROPS = DATA / "lidc_maxslice"
 
 
 def _require(path: Path) -> Path:
@@ -29,6 +30,12 @@ def _require(path: Path) -> Path:
 def lidc_sample() -> Path:
     """The real LIDC-IDRI sample: 32 DICOM slices of LIDC-IDRI-0001 plus three reader XMLs."""
     return _require(LIDC_SAMPLE)
+
+
+@pytest.fixture(scope="session")
+def lidc_crops() -> Path:
+    """The real LIDC-IDRI crop release: 2105 71x71 crops of 677 patients + annotations.csv."""
+    return _require(LIDC_CROPS)
 
 
 @pytest.fixture(scope="session")
@@ -50,6 +57,7 @@ def stage_overrides(tmp: Path) -> list[str]:
         f"mlflow.artifacts={tmp / 'mlruns'}",
         f"datasets.lidc.root={LIDC_SAMPLE}",
         f"datasets.covid.root={COVID_SAMPLE}",
+        f"datasets.lidc2d.root={LIDC_CROPS}",
     ]
 
 

@@ -27,13 +27,12 @@ STATUS_TIMEOUT = 300  # `git init`, `dvc status`: measured 2 s
 REPRO_TRAIN_TIMEOUT = 1500  # `dvc repro train` (8 stages): measured 310 s
 REPRO_REST_TIMEOUT = 5400  # `dvc repro` of the other 8 stages: measured 1320 s (evaluate alone 625 s)
 
-JOBS = {"nodule3d", "covid2d"}
+JOBS = {"nodule2d", "nodule3d", "covid2d"}
 # `dvc repro train` runs the train stages and what they depend on; no job trains on lidc
-UP_TO_TRAIN = ["ingest_covid", "ingest_synthetic_nodule3d", "validate@covid", "validate@synthetic_nodule3d",
-               "train@nodule3d", "train@covid2d"]
-AFTER_TRAIN = ["ingest_lidc", "validate@lidc", "evaluate", "tune@nodule3d", "tune@covid2d", "harden@nodule3d",
-               "harden@covid2d", "evaluate_hardened",
-               "gate", "register"]
+UP_TO_TRAIN = ["ingest_lidc2d", "ingest_covid", "ingest_synthetic_nodule3d", "validate@lidc2d", "validate@covid",
+               "validate@synthetic_nodule3d", "train@nodule2d", "train@nodule3d", "train@covid2d"]
+AFTER_TRAIN = ["ingest_lidc", "validate@lidc", "evaluate", "tune@nodule2d", "tune@nodule3d", "tune@covid2d",
+               "harden@nodule2d", "harden@nodule3d", "harden@covid2d", "evaluate_hardened", "gate", "register"]
 
 
 def _run(cmd: list[str], cwd: Path, env: dict[str, str], timeout: float) -> subprocess.CompletedProcess[str]:
@@ -79,7 +78,7 @@ def test_fresh_copy_pulls_data_and_reproduces(clone: dict[str, Any]) -> None:
 
     assert repro is not None and repro.returncode == 0, repro and repro.stdout + repro.stderr
     assert sorted(_ran(repro.stdout)) == sorted(UP_TO_TRAIN), repro.stdout
-    for name in ("covid", "synthetic_nodule3d"):  # what train depends on (lidc: below)
+    for name in ("lidc2d", "covid", "synthetic_nodule3d"):  # what train depends on (lidc: below)
         ingest = json.loads((root / "metrics" / "ingest" / f"{name}.json").read_text())
         valid = json.loads((root / "metrics" / "validate" / f"{name}.json").read_text())
         assert ingest["profile"] == "smoke"

@@ -30,8 +30,8 @@ def test_harden_pipeline_end_to_end_then_cached(harness: None, tmp_path: Path) -
     result = harden_pipeline(profile="smoke", params_path=str(REPO / "params.yaml"),
                              overrides=stage_overrides(tmp_path))
     summaries = result["data"]
-    assert set(summaries) == {"lidc", "covid", "synthetic_nodule3d"}
-    assert set(result["train"]) == {"nodule3d", "covid2d"}
+    assert set(summaries) == {"lidc", "lidc2d", "covid", "synthetic_nodule3d"}
+    assert set(result["train"]) == {"nodule2d", "nodule3d", "covid2d"}
     for trained in result["train"].values():
         assert trained.model_file.is_file() and trained.run_id
         assert trained.record["dataset_hash"] == summaries[trained.record["dataset"]].content_hash
@@ -53,7 +53,7 @@ def test_harden_pipeline_end_to_end_then_cached(harness: None, tmp_path: Path) -
 
     # the evaluate task: same metrics file as the stage, and its markdown artifact
     evaluated = result["evaluate"].jobs
-    assert set(evaluated) == {"nodule3d", "covid2d"}
+    assert set(evaluated) == {"nodule2d", "nodule3d", "covid2d"}
     on_disk = json.loads((tmp_path / "metrics" / "robustness.json").read_text())
     assert on_disk["nodule3d"]["headline"] == evaluated["nodule3d"]["headline"]
 
@@ -66,7 +66,7 @@ def test_harden_pipeline_end_to_end_then_cached(harness: None, tmp_path: Path) -
     assert "## nodule3d" in rmd and "## covid2d" in rmd and "10 mAs" in rmd
 
     # tune -> harden -> evaluate the hardened models: same files as the stages, one artifact each
-    for job in ("nodule3d", "covid2d"):
+    for job in ("nodule2d", "nodule3d", "covid2d"):
         tuned, hardened = result["tune"][job], result["harden"][job]
         assert tuned.eps == json.loads((tmp_path / "metrics" / "tune" / f"{job}.json").read_text())["eps"]
         assert hardened.eps == pytest.approx(tuned.eps) and hardened.model_file.is_file()
@@ -82,10 +82,10 @@ def test_harden_pipeline_end_to_end_then_cached(harness: None, tmp_path: Path) -
 
     # gate both variants, register what passed (the smoke profile's thresholds are lenient)
     gate = json.loads((tmp_path / "metrics" / "gate.json").read_text())
-    assert set(gate) == {"baseline", "hardened"} and set(gate["hardened"]) == {"nodule3d", "covid2d"}
+    assert set(gate) == {"baseline", "hardened"} and set(gate["hardened"]) == {"nodule2d", "nodule3d", "covid2d"}
     assert result["gate_hardened"].record["hardened"]["nodule3d"]["passed"] == gate["hardened"]["nodule3d"]["passed"]
     reg = result["register"].record
-    for job in ("nodule3d", "covid2d"):
+    for job in ("nodule2d", "nodule3d", "covid2d"):
         statuses = {o["variant"]: o["status"] for o in reg["jobs"][job]}
         assert statuses == {"baseline": "registered", "hardened": "registered"}, reg["jobs"][job]
         assert reg["champions"][job]["version"] in ("1", "2")
@@ -100,7 +100,7 @@ def test_harden_pipeline_end_to_end_then_cached(harness: None, tmp_path: Path) -
     state = harden_pipeline(profile="smoke", params_path=str(REPO / "params.yaml"), overrides=stage_overrides(tmp_path),
                             return_state=True)
     again = state.result()
-    for job in ("nodule3d", "covid2d"):
+    for job in ("nodule2d", "nodule3d", "covid2d"):
         assert again["train"][job].run_id == result["train"][job].run_id
         assert again["harden"][job].run_id == result["harden"][job].run_id
         assert {o["status"] for o in again["register"].record["jobs"][job]} == {"already registered"}

@@ -47,7 +47,7 @@ def test_every_profile_validates(profile: str) -> None:
     assert {"default", "paper", "smoke"} <= set(PROFILES)
     params = load_params(PARAMS, profile)
     settings = validate_params(params)
-    assert settings.profile == profile and set(settings.train.jobs) == {"nodule3d", "covid2d"}
+    assert settings.profile == profile and set(settings.train.jobs) == {"nodule2d", "nodule3d", "covid2d"}
     assert isinstance(params["seed"], int) and params["seed"] == settings.seed, "the dict is returned unchanged"
 
 
@@ -73,7 +73,7 @@ def test_a_wrong_enum_value_lists_the_choices() -> None:
     assert "harden.jobs.nodule3d.compare[1] = 'foo'" in msg and "one of adv, ima, rand, trades, nps, adaptive" in msg
     msg = _error("gate.jobs.nodule3d.min_robust_accuracy.linf2={0.1: 0.5}")
     assert "gate.jobs.nodule3d.min_robust_accuracy: unknown norms ['linf2'] (allowed: linf, l2)" in msg
-    assert "datasets.covid.kind = 'dicom': must be one of lidc, covid, synthetic" in _error("datasets.covid.kind=dicom")
+    assert "datasets.covid.kind = 'dicom': must be one of lidc, lidc2d, covid, synthetic" in _error("datasets.covid.kind=dicom")
 
 
 def test_a_negative_count_or_value_names_the_range() -> None:
@@ -182,9 +182,10 @@ def test_schema_defaults_are_the_settings_defaults() -> None:
 def test_dataset_keys_are_the_ingest_functions_keywords(kind: str) -> None:
     from ctharden.data.covid import ingest_covid
     from ctharden.data.lidc import ingest_lidc
+    from ctharden.data.lidc2d import ingest_lidc2d
     from ctharden.data.synthetic import generate_synthetic
 
-    fn = {"lidc": ingest_lidc, "covid": ingest_covid, "synthetic": generate_synthetic}[kind]
+    fn = {"lidc": ingest_lidc, "lidc2d": ingest_lidc2d, "covid": ingest_covid, "synthetic": generate_synthetic}[kind]
     given_by_stage = {"out", "seed", "test_fraction", "n_folds"}
     accepted = set(inspect.signature(fn).parameters) - given_by_stage
     model = DATASET_MODELS[kind]

@@ -3,7 +3,9 @@
 Real Great Expectations runs, no mocks. Small clean datasets are written once per session with
 :class:`DatasetWriter`; each bad-data case corrupts a copy on disk the way it happens in practice
 (an ingester bug, a file edited or truncated after ingest) and asserts that validation fails with
-a message naming the specific expectation and the offending sample id.
+a message naming the specific expectation and the offending sample id. The nodule2d cases corrupt
+a small real dataset: the first 40 patients of the LIDC-IDRI crop release (``data/lidc_maxslice``,
+conftest's ``lidc_crops``), ingested once per module with :func:`ingest_lidc2d`.
 """
 
 from __future__ import annotations
@@ -22,9 +24,13 @@ import pytest
 
 from ctharden.core.errors import DataError, ValidationFailed
 from ctharden.data.dataset import DatasetWriter, read_info, read_manifest
+from ctharden.data.lidc2d import ingest_lidc2d
 from ctharden.data.validation import (
+    LUNG_P1_RANGE_HU,
     MANIFEST_HASH_CHECK,
+    SUMMARY_COLUMNS,
     ValidationReport,
+    build_expectations,
     ensure_valid,
     format_failures,
     require_validated,
@@ -34,6 +40,9 @@ from ctharden.data.validation import (
 
 NODULE_SHAPE = (8, 8, 8)
 COVID_SHAPE = (16, 16)
+#: Summary columns only the nodule2d suite checks.
+NODULE2D_ONLY = {"p1", "source_spacing_mm", "hu_source", "reader_rating", "ratings", "malignancy_mean",
+                 "malignancy_mean_error", "malignancy_vs_3"}
 
 
 def _build(out: Path, task: str) -> Path:
@@ -69,6 +78,14 @@ def clean_reports(clean: dict[str, Path], tmp_path_factory: pytest.TempPathFacto
         assert report.success, format_failures(report)
         out[task] = root / task
     return out
+
+
+@pytest.fixture(scope="module")
+def clean2d(tmp_path_factory: pytest.TempPathFactory, lidc_crops: Path) -> dict[str, Path]:
+    """A small real nodule2d dataset: the first 40 LIDC patients (118 patches, 45x45 at 0.7 mm)."""
+    out = tmp_path_factory.mktemp("clean2d") / "nodule2d"
+    ingest_lidc2d(lidc_crops, out, limit=40)
+    return {"nodule2d": out}
 
 
 # ----------------------------------------------------------------------------------- corruption
@@ -231,6 +248,98 @@ def empty_dataset(ds: Path) -> str:
     return ""
 
 
+# nodule2d: ingester bugs on the real LIDC patches, each written self-consistently (hashes updated).
+
+
+def _multi_row_train_patient(m: pd.DataFrame) -> pd.Index:
+    """Row labels of a train patient with at least two patches."""
+    train = m[m["split"] == "train"]
+    sizes = train.groupby("patient_id").size()
+    return train.index[train["patient_id"] == sizes[sizes >= 2].index[0]]
+
+
+def label_flipped_against_ratings(ds: Path) -> str:
+    m = read_manifest(ds)
+    i = int(m.index[m["label"] == 1][0])  # a malignant nodule (mean rating > 3) written as benign
+    m.loc[i, ["label", "label_name"]] = [0, "benign"]
+    _rewrite(ds, m)
+    return str(m.loc[i, "sample_id"])
+
+
+def mean_rating_of_3_kept(ds: Path) -> str:
+    m = read_manifest(ds)
+    i = int(m.index[m["label"] == 0][1])  # an ingester that labels `mean > 3` and keeps mean == 3 as benign
+    m.loc[i, ["ratings", "n_readers", "malignancy_mean", "malignancy_class"]] = ["2;4", 2, 3.0, 3]
+    _rewrite(ds, m)
+    return str(m.loc[i, "sample_id"])
+
+
+def mean_not_mean_of_ratings(ds: Path) -> str:
+    m = read_manifest(ds)
+    i = int(m.index[m["label"] == 1][1])
+    m.loc[i, "malignancy_mean"] = float(m.loc[i, "malignancy_mean"]) + 0.25  # e.g. the mean of other readers
+    _rewrite(ds, m)
+    return str(m.loc[i, "sample_id"])
+
+
+def rating_out_of_range(ds: Path) -> str:
+    m = read_manifest(ds)
+    i = int(m.index[m["label"] == 1][2])
+    m.loc[i, ["ratings", "malignancy_mean"]] = ["4;7", 5.5]  # a 1-5 scale read as something else
+    _rewrite(ds, m)
+    return str(m.loc[i, "sample_id"])
+
+
+def reader_rating_zero(ds: Path) -> str:
+    m = read_manifest(ds)
+    m.loc[4, "reader_rating"] = 0  # 0 means "no reader" in the release's rating columns
+    _rewrite(ds, m)
+    return str(m.loc[4, "sample_id"])
+
+
+def patient_split_across_train_and_test(ds: Path) -> str:
+    m = read_manifest(ds)
+    i = _multi_row_train_patient(m)[-1]  # one patch of a train patient split per row, not per patient
+    m.loc[i, ["split", "fold"]] = ["test", -1]
+    _rewrite(ds, m)
+    return str(m.loc[i, "sample_id"])
+
+
+def patient_in_two_folds(ds: Path) -> str:
+    m = read_manifest(ds)
+    i = _multi_row_train_patient(m)[-1]
+    m.loc[i, "fold"] = (int(m.loc[i, "fold"]) + 1) % int(read_info(ds)["split"]["n_folds"])
+    _rewrite(ds, m)
+    return str(m.loc[i, "sample_id"])
+
+
+def spacing_not_resampled(ds: Path) -> str:
+    m = read_manifest(ds)
+    m.loc[3, "spacing_mm"] = 0.6  # the patch kept a source spacing instead of the dataset's 0.7 mm
+    _rewrite(ds, m)
+    return str(m.loc[3, "sample_id"])
+
+
+def source_spacing_in_cm(ds: Path) -> str:
+    m = read_manifest(ds)
+    m.loc[6, "source_spacing_mm"] = float(m.loc[6, "source_spacing_mm"]) / 10.0
+    _rewrite(ds, m)
+    return str(m.loc[6, "sample_id"])
+
+
+def unknown_hu_source(ds: Path) -> str:
+    m = read_manifest(ds)
+    m.loc[2, "hu_source"] = "guessed"
+    _rewrite(ds, m)
+    return str(m.loc[2, "sample_id"])
+
+
+def stored_without_intercept(ds: Path) -> str:
+    sid = _train_id(ds, 3)
+    _replace_array(ds, sid, _load(ds, sid) + 1024.0)  # raw stored values: +1024 HU everywhere
+    return sid
+
+
 # (task, corruption, expected expectation, column named in the message)
 CASES: list[tuple[str, Callable[[Path], str], str, str | None]] = [
     ("nodule3d", nan_voxels, "expect_column_values_to_be_between", "nan_count"),
@@ -255,6 +364,53 @@ CASES: list[tuple[str, Callable[[Path], str], str, str | None]] = [
     ("covid2d", unknown_source, "expect_column_values_to_be_in_set", "source"),
 ]
 
+CASES_2D: list[tuple[Callable[[Path], str], str, str | None]] = [
+    (nan_voxels, "expect_column_values_to_be_between", "nan_count"),
+    (wrong_shape, "expect_column_values_to_be_in_set", "shape"),
+    (hu_too_low, "expect_column_values_to_be_between", "min"),
+    (stored_without_intercept, "expect_column_values_to_be_between", "p1"),
+    (label_flipped_against_ratings, "expect_column_pair_values_to_be_in_set", "label,malignancy_vs_3"),
+    (mean_rating_of_3_kept, "expect_column_values_to_be_in_set", "malignancy_vs_3"),
+    (mean_not_mean_of_ratings, "expect_column_values_to_be_between", "malignancy_mean_error"),
+    (rating_out_of_range, "expect_column_values_to_match_regex", "ratings"),
+    (reader_rating_zero, "expect_column_values_to_be_in_set", "reader_rating"),
+    (patient_split_across_train_and_test, "expect_column_values_to_be_between", "n_splits_of_patient"),
+    (patient_in_two_folds, "expect_column_values_to_be_between", "n_partitions_of_patient"),
+    (duplicate_ids, "expect_column_values_to_be_unique", "sample_id"),
+    (spacing_not_resampled, "expect_column_values_to_be_between", "spacing_mm"),
+    (source_spacing_in_cm, "expect_column_values_to_be_between", "source_spacing_mm"),
+    (unknown_hu_source, "expect_column_values_to_be_in_set", "hu_source"),
+]
+
+ALSO_FAILS_2D: dict[str, set[str | None]] = {
+    "mean_rating_of_3_kept": {"label,malignancy_vs_3"},
+    "patient_split_across_train_and_test": {"n_partitions_of_patient"},
+}
+
+
+def _assert_fails_naming(
+    ds: Path, report_dir: Path, corrupt: Callable[[Path], str], expectation: str, column: str | None
+) -> ValidationReport:
+    sid = corrupt(ds)
+    report = validate_dataset(ds, report_dir)
+    assert not report.success
+    named = f"{expectation}({column})" if column else expectation
+    with pytest.raises(ValidationFailed) as err:
+        ensure_valid(report)
+    msg = str(err.value)
+    assert named in msg, msg
+    failure = next(f for f in report.failures if f.expectation == expectation and f.column == column)
+    if sid:
+        assert sid in failure.failing_sample_ids
+        assert f"samples: {sid}" in msg or f", {sid}" in msg, msg
+    # The seal records the failure, so downstream stages refuse the dataset.
+    saved = json.loads((report_dir / "validation.json").read_text())
+    assert saved["success"] is False
+    assert any(e["expectation"] == expectation and not e["success"] for e in saved["expectations"])
+    with pytest.raises(ValidationFailed, match="failed validation"):
+        require_validated(ds, report_dir)
+    return report
+
 
 @pytest.mark.parametrize(
     ("task", "corrupt", "expectation", "column"),
@@ -270,24 +426,24 @@ def test_bad_data_fails_naming_expectation_and_sample(
     column: str | None,
 ) -> None:
     ds = _copy(clean, task, tmp_path)
-    sid = corrupt(ds)
-    report = validate_dataset(ds, tmp_path / "report")
-    assert not report.success
-    named = f"{expectation}({column})" if column else expectation
-    with pytest.raises(ValidationFailed) as err:
-        ensure_valid(report)
-    msg = str(err.value)
-    assert named in msg, msg
-    failure = next(f for f in report.failures if f.expectation == expectation and f.column == column)
-    if sid:
-        assert sid in failure.failing_sample_ids
-        assert f"samples: {sid}" in msg or f", {sid}" in msg, msg
-    # The seal records the failure, so downstream stages refuse the dataset.
-    saved = json.loads((tmp_path / "report" / "validation.json").read_text())
-    assert saved["success"] is False
-    assert any(e["expectation"] == expectation and not e["success"] for e in saved["expectations"])
-    with pytest.raises(ValidationFailed, match="failed validation"):
-        require_validated(ds, tmp_path / "report")
+    _assert_fails_naming(ds, tmp_path / "report", corrupt, expectation, column)
+
+
+@pytest.mark.parametrize(
+    ("corrupt", "expectation", "column"), CASES_2D, ids=[f"nodule2d-{c.__name__}" for c, _, _ in CASES_2D]
+)
+def test_bad_2d_data_fails_naming_expectation_and_sample(
+    clean2d: dict[str, Path],
+    tmp_path: Path,
+    corrupt: Callable[[Path], str],
+    expectation: str,
+    column: str | None,
+) -> None:
+    ds = _copy(clean2d, "nodule2d", tmp_path)
+    report = _assert_fails_naming(ds, tmp_path / "report", corrupt, expectation, column)
+    # Nothing else is blamed (a mean of 3 also breaks the label rule; a patient in train and test
+    # is also in two partitions).
+    assert {f.column for f in report.failures} == {column} | ALSO_FAILS_2D.get(corrupt.__name__, set())
 
 
 def test_failures_are_specific(clean: dict[str, Path], tmp_path: Path) -> None:
@@ -321,6 +477,43 @@ def test_clean_datasets_pass_and_write_reports(clean: dict[str, Path], clean_rep
         assert require_validated(clean[task], report_dir)["success"] is True
 
 
+def test_clean_real_nodule2d_passes(clean2d: dict[str, Path], tmp_path: Path) -> None:
+    ds = clean2d["nodule2d"]
+    report = validate_dataset(ds, tmp_path / "report")
+    assert report.success, format_failures(report)
+    assert require_validated(ds, tmp_path / "report")["task"] == "nodule2d"
+    checked = {(r["expectation"], r["column"]) for r in report.results}
+    for col in ("nan_count", "inf_count", "min", "max", "shape", "n_splits_of_patient", "n_partitions_of_patient"):
+        assert ("expect_column_values_to_be_between", col) in checked or (
+            "expect_column_values_to_be_in_set", col) in checked, col
+    assert ("expect_column_values_to_be_unique", "sample_id") in checked
+    assert ("expect_column_pair_values_to_be_in_set", "label,malignancy_vs_3") in checked
+    assert NODULE2D_ONLY <= {str(r["column"]) for r in report.results}
+    spacing = next(r for r in report.results if r["column"] == "spacing_mm" and "min_value" in r["kwargs"])
+    assert spacing["kwargs"]["min_value"] == pytest.approx(0.7, abs=1e-5)
+    s = pd.read_csv(tmp_path / "report" / "summary.csv")
+    assert list(s.columns) == list(SUMMARY_COLUMNS)
+    assert (s["shape"] == "45x45").all() and s["p1"].between(*LUNG_P1_RANGE_HU).all()
+    assert (s["malignancy_mean_error"] < 1e-3).all() and set(s["malignancy_vs_3"]) == {"above", "below"}
+
+
+def test_nodule2d_suite_needs_2d_shape_and_resampling_spacing(clean2d: dict[str, Path]) -> None:
+    info = read_info(clean2d["nodule2d"])
+    assert build_expectations(info)
+    with pytest.raises(DataError, match="not 2-D as task nodule2d requires"):
+        build_expectations({**info, "shape": [45, 45, 45]})
+    with pytest.raises(DataError, match="provenance has no valid spacing_mm"):
+        build_expectations({**info, "provenance": {}})
+
+
+def test_full_real_nodule2d_passes(lidc_crops: Path, tmp_path: Path) -> None:
+    """All 1616 labelled LIDC crops pass the nodule2d suite, the lung check included (5-8 s)."""
+    ds = tmp_path / "nodule2d"
+    assert ingest_lidc2d(lidc_crops, ds)["n_samples"] == 1616
+    report = validate_dataset(ds, tmp_path / "report")
+    assert report.success, format_failures(report)
+
+
 def test_spacing_expectation_only_for_nodule3d_with_column(
     clean: dict[str, Path], clean_reports: dict[str, Path]
 ) -> None:
@@ -330,6 +523,8 @@ def test_spacing_expectation_only_for_nodule3d_with_column(
     }
     assert "spacing_mm" in cols["nodule3d"]
     assert "spacing_mm" not in cols["covid2d"]
+    for task in ("nodule3d", "covid2d"):  # the nodule2d checks stay out of the other suites
+        assert not cols[task] & NODULE2D_ONLY
 
 
 def test_revalidation_replaces_report(clean: dict[str, Path], tmp_path: Path) -> None:

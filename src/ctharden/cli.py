@@ -11,7 +11,7 @@ import logging
 import sys
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import click
 import typer
@@ -45,6 +45,7 @@ err_console = Console(stderr=True)
 # The ingest commands' defaults: params.yaml's top level (the default profile), as `ctharden stage ingest`
 # uses them; the schema's field defaults where there is no params.yaml (ctharden.config.schema.ingest_defaults).
 LIDC_DEFAULTS = ingest_defaults("lidc")
+LIDC2D_DEFAULTS = ingest_defaults("lidc2d")
 COVID_DEFAULTS = ingest_defaults("covid")
 SYNTHETIC_DEFAULTS = ingest_defaults("synthetic")
 _SEED_HELP = "default: params.yaml seed"
@@ -110,8 +111,16 @@ def ingest_lidc_cmd(
     root: Annotated[Path, typer.Option(help="LIDC-IDRI tree (TCIA layout or any tree of DICOM + XML).")],
     out: Annotated[Path | None, typer.Option(help="Dataset directory to write.")] = None,
     count_only: Annotated[bool, typer.Option(help="Only count nodules per filter from the XML.")] = False,
+    mode: Annotated[Literal["3d", "2d"], typer.Option(help=(
+        "3d: nodule3d cubes per nodule; 2d: nodule2d patches per reader mark, on its largest contour slice "
+        "(default: params.yaml's lidc dataset mode)."))] = LIDC_DEFAULTS["mode"],
     cube_size: Annotated[int, typer.Option(
-        help="Cube side in voxels (default: params.yaml's lidc dataset cube_size).")] = LIDC_DEFAULTS["cube_size"],
+        help="3d: cube side in voxels (default: params.yaml's lidc dataset cube_size).")] = LIDC_DEFAULTS["cube_size"],
+    spacing_mm: Annotated[float | None, typer.Option(
+        help="Voxel (3d) or pixel (2d) size in mm (default: params.yaml's lidc dataset spacing_mm, else 1.0 / 0.7)."
+    )] = LIDC_DEFAULTS["spacing_mm"],
+    size: Annotated[int, typer.Option(
+        help="2d: patch side in pixels (default: params.yaml's lidc dataset size).")] = LIDC_DEFAULTS["size"],
     centroid_tol_mm: Annotated[float, typer.Option(
         help="Grouping: max centroid distance in mm (default: params.yaml's lidc dataset centroid_tol_mm)."
     )] = LIDC_DEFAULTS["centroid_tol_mm"],
@@ -122,7 +131,7 @@ def ingest_lidc_cmd(
     test_fraction: Annotated[float, typer.Option(help=_TEST_HELP)] = LIDC_DEFAULTS["test_fraction"],
     n_folds: Annotated[int, typer.Option(help=_FOLDS_HELP)] = LIDC_DEFAULTS["n_folds"],
 ) -> None:
-    """LIDC-IDRI (DICOM + reader XML) -> 32³ 1 mm nodule cubes in HU, labelled by mean malignancy."""
+    """LIDC-IDRI (DICOM + reader XML) -> 32³ 1 mm nodule cubes (or, --mode 2d, 2D patches) in HU, mean-rating labels."""
     from ctharden.data.lidc import count_lidc, ingest_lidc
 
     if count_only:
@@ -131,10 +140,33 @@ def ingest_lidc_cmd(
     if out is None:
         raise typer.BadParameter("--out is required unless --count-only", param_hint="--out")
     report = ingest_lidc(
-        root, out, cube_size=cube_size, centroid_tol_mm=centroid_tol_mm,
+        root, out, mode=mode, cube_size=cube_size, spacing_mm=spacing_mm, size=size,
+        centroid_tol_mm=centroid_tol_mm,
         strict=strict, seed=seed, test_fraction=test_fraction, n_folds=n_folds,
     )
     _print_report(report, "LIDC-IDRI nodules per filter")
+
+
+@ingest_app.command("lidc2d")
+def ingest_lidc2d_cmd(
+    root: Annotated[Path, typer.Option(help="LIDC-IDRI crop release: crops.npz + annotations.csv.")],
+    out: Annotated[Path, typer.Option(help="Dataset directory to write.")],
+    spacing_mm: Annotated[float, typer.Option(
+        help="Resampled pixel spacing in mm (default: params.yaml's lidc2d dataset spacing_mm)."
+    )] = LIDC2D_DEFAULTS["spacing_mm"],
+    size: Annotated[int, typer.Option(
+        help="Patch side in pixels (default: params.yaml's lidc2d dataset size).")] = LIDC2D_DEFAULTS["size"],
+    limit: Annotated[int | None, typer.Option(help="Keep only the first N patients (small datasets).")] = None,
+    seed: Annotated[int, typer.Option(help=f"Split seed ({_SEED_HELP}).")] = LIDC2D_DEFAULTS["seed"],
+    test_fraction: Annotated[float, typer.Option(help=_TEST_HELP)] = LIDC2D_DEFAULTS["test_fraction"],
+    n_folds: Annotated[int, typer.Option(help=_FOLDS_HELP)] = LIDC2D_DEFAULTS["n_folds"],
+) -> None:
+    """LIDC-IDRI nodule crops (one per reader annotation) -> 2D HU patches at one spacing, mean-rating labels."""
+    from ctharden.data.lidc2d import ingest_lidc2d
+
+    report = ingest_lidc2d(root, out, spacing_mm=spacing_mm, size=size, limit=limit, seed=seed,
+                           test_fraction=test_fraction, n_folds=n_folds)
+    _print_report(report, "LIDC-IDRI crops")
 
 
 @ingest_app.command("covid")

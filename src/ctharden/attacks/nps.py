@@ -63,6 +63,26 @@ For every sample i and restart k: ``p⁰`` = a random NPS noise sample at the mA
   restart succeeds if the fp32 prediction on ``x + p_i*(k)`` differs from the clean one. SAR is the
   share of restarts that succeeded, SAN the number of samples with at least one.
 
+Dose mode (``noise_mode="dose"``, :mod:`ctharden.noise.dose`)
+----------------------------------------------------------
+The default (``"additive"``, the paper) adds the target-mAs NPS noise on top of the image's own
+scan noise. With ``noise_mode="dose"`` and ``scan_mas`` ``(N,)`` (each sample's own scan mAs, NaN
+where unknown), each sample instead gets what a rescan at the target mAs t would add to its scan at
+s: noise of NPS ``a² · NPS_t`` with ``a = sqrt(max(0, 1 − t/s))`` (variance σ²(t) − σ²(s)). Samples
+with ``t ≥ s`` get nothing (``a = 0``: no perturbation, never a flip); samples whose mAs is unknown
+get the additive noise (``a = 1``). Every level states the counts (``NPSLevelResult.noise``:
+dose / none / additive_fallback of n).
+
+- random attack: the common draw at level t is scaled by ``sqrt(ref/t) · a_i(t)`` per sample;
+- optimised attack: the start is the target-mAs draw times ``a_i``, eq. 5's constraint is the
+  per-sample NPS ``a_i² · S_t`` (``Proj(·, a² S) = a · Proj(·, S)``: the projection keeps phases
+  and sets the power spectrum, so scaling the target by a² scales its output by a), and the step
+  is ``a_i · δ`` so that it stays the same fraction of the sample's noise σ. Chains with
+  ``a_i = 0`` do not run (0 steps; ``mean_steps`` averages the chains that ran).
+
+Additive mode is the code path of before (bit-identical results); fallback samples in dose mode
+get the same noise as in additive mode (same random stream).
+
 Batching, determinism
 ---------------------
 No Python loop over samples: the ``N·K`` (sample, try) pairs are processed in chunks of
@@ -97,7 +117,10 @@ from ctharden.attacks.common import (
 )
 from ctharden.attacks.losses import AttackError, OutputAdapter, infer_adapter
 from ctharden.attacks.nps_metrics import san, san_rate, sar_above_curve, sar_from_counts
+from ctharden.config.choices import NOISE_MODES
+from ctharden.core.errors import DataError
 from ctharden.noise import default_nps, project_to_nps, sample_nps_noise
+from ctharden.noise.dose import DoseCounts, ScanMas, as_scan_mas, count_dose_cases, dose_scale
 from ctharden.noise.nps import NPSModel
 
 # ---------------------------------------------------------------------------------------------------
@@ -107,16 +130,18 @@ from ctharden.noise.nps import NPSModel
 @dataclass
 class NPSLevelResult:
     """One mAs level: SAN, SAN/N (%), per-sample SAR (fraction of the K tries that flipped) and
-    ``flipped_any`` (``SAR > 0``)."""
+    ``flipped_any`` (``SAR > 0``); ``noise``: in dose mode, how many samples got dose / none /
+    additive_fallback noise (None in additive mode)."""
 
     mas: float
     san: int
     san_rate: float
     sar: np.ndarray  # (N,) float64 in [0, 1]
     flipped_any: np.ndarray  # (N,) bool
+    noise: DoseCounts | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "mas": self.mas,
             "san": self.san,
             "san_rate": self.san_rate,
@@ -125,6 +150,9 @@ class NPSLevelResult:
             "flipped_any": self.flipped_any.tolist(),
             "sar_above": sar_above_curve(self.sar),
         }
+        if self.noise is not None:
+            out["noise"] = self.noise.to_dict()
+        return out
 
 
 @dataclass
@@ -176,9 +204,9 @@ class NPSAttackResult:
         }
 
 
-def _level(mas: float, counts: Tensor, k: int) -> NPSLevelResult:
+def _level(mas: float, counts: Tensor, k: int, noise: DoseCounts | None = None) -> NPSLevelResult:
     sar = sar_from_counts(counts.cpu().numpy(), k)
-    return NPSLevelResult(float(mas), san(sar), san_rate(sar), sar, sar > 0)
+    return NPSLevelResult(float(mas), san(sar), san_rate(sar), sar, sar > 0, noise)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -292,6 +320,25 @@ def _nps_and_ref(nps: NPSModel | None) -> tuple[NPSModel, float]:
     return model, float(model.ref_mas)
 
 
+def _scan_mas(noise_mode: str, scan_mas: ScanMas | None, n: int) -> Tensor | None:
+    """``(N,)`` float64 CPU scan mAs (NaN unknown) in dose mode, None in additive mode."""
+    if noise_mode not in NOISE_MODES:
+        raise AttackError(f"noise_mode must be one of {', '.join(NOISE_MODES)}, got {noise_mode!r}")
+    if noise_mode == "additive":
+        if scan_mas is not None:
+            raise AttackError("scan_mas is only used with noise_mode='dose'")
+        return None
+    try:
+        return as_scan_mas(scan_mas, n)
+    except DataError as exc:
+        raise AttackError(str(exc)) from None
+
+
+def _bcast(v: Tensor, like: Tensor) -> Tensor:
+    """``v`` ``(B,)`` shaped ``(B, 1, ...)`` to broadcast over ``like`` ``(B, ...)``, in its dtype/device."""
+    return v.to(device=like.device, dtype=like.dtype).reshape(-1, *([1] * (like.dim() - 1)))
+
+
 # ---------------------------------------------------------------------------------------------------
 # random attacks
 
@@ -308,6 +355,8 @@ def random_nps_attack(
     generator: torch.Generator | None = None,
     batch_size: int = 256,
     autocast: bool = False,
+    noise_mode: str = "additive",
+    scan_mas: ScanMas | None = None,
 ) -> NPSAttackResult:
     """Random NPS attacks (section 2.2.1): K noise realisations per sample and mAs level.
 
@@ -322,9 +371,14 @@ def random_nps_attack(
         generator: random source of the noise (reproducible results).
         batch_size: (sample, try) pairs per forward pass.
         autocast: accepted for API symmetry; the forwards are the decisions and run in fp32.
+        noise_mode: ``"additive"`` (the paper, default) or ``"dose"`` (see "Dose mode" in the
+            module docstring).
+        scan_mas: dose mode: ``(N,)`` mAs of each sample's own scan, NaN where unknown (None: all
+            unknown, i.e. additive for every sample, counted); must be None in additive mode.
 
     Returns:
-        :class:`NPSAttackResult` with one level per mAs (in the given order).
+        :class:`NPSAttackResult` with one level per mAs (in the given order); in dose mode every
+        level's ``noise`` gives the dose / none / additive_fallback counts.
     """
     check_int("k", k, 1)
     check_int("batch_size", batch_size, 1)
@@ -335,9 +389,12 @@ def random_nps_attack(
         raise AttackError(f"mas_levels has duplicates: {list(mas_levels)}")
     x = _check_inputs(model, x_hu, spacing_mm)
     n = x.shape[0]
+    scan = _scan_mas(noise_mode, scan_mas, n)
     nps_model, ref = _nps_and_ref(nps)
     imap = InputMap(model, hu_per_unit)
     scales = [math.sqrt(ref / m) for m in levels]
+    # dose mode: per (level, sample) amplitude a = sqrt(max(0, 1 - t/s)), 1 where s is unknown
+    dose_a = None if scan is None else torch.stack([dose_scale(m, scan) for m in levels]).to(x.device)
     counts = torch.zeros((len(levels), n), dtype=torch.long, device=x.device)
     with attack_mode(model), torch.inference_mode(), autocast_ctx(x.device, False):
         adapter, z0 = _clean(model, x, imap, batch_size)
@@ -347,14 +404,22 @@ def random_nps_attack(
             xb = x[idx]
             base = sample_nps_noise(xb.shape, ref, spacing_mm, nps=nps_model, generator=generator, device=x.device)
             for m, scale in enumerate(scales):  # common random numbers across mAs levels
-                z = canonical_forward(model, imap(xb, (base * scale).to(xb.dtype)), adapter, False)
-                counts[m].index_add_(0, idx, (adapter.predict(z) != y0[idx]).long())
-    return NPSAttackResult(
+                if dose_a is None:
+                    z = canonical_forward(model, imap(xb, (base * scale).to(xb.dtype)), adapter, False)
+                    counts[m].index_add_(0, idx, (adapter.predict(z) != y0[idx]).long())
+                else:
+                    a = dose_a[m, idx].float()
+                    z = canonical_forward(model, imap(xb, (base * _bcast(a * scale, base)).to(xb.dtype)), adapter,
+                                          False)
+                    flipped = (adapter.predict(z) != y0[idx]) & (a > 0)  # nothing added: never a flip
+                    counts[m].index_add_(0, idx, flipped.long())
+    noise = [None if scan is None else count_dose_cases(m, scan) for m in levels]
+    result = NPSAttackResult(
         attack="random",
         n=n,
         k=k,
         clean_pred=y0.cpu().numpy(),
-        levels={m: _level(m, counts[i], k) for i, m in enumerate(levels)},
+        levels={m: _level(m, counts[i], k, noise[i]) for i, m in enumerate(levels)},
         settings={
             "mas_levels": levels,
             "k": k,
@@ -363,6 +428,9 @@ def random_nps_attack(
             "decision": "fp32 label(x+p) != label(x)",
         },
     )
+    if scan is not None:
+        result.settings["noise_mode"] = "dose"
+    return result
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -385,6 +453,8 @@ def optimized_nps_attack(
     batch_size: int = 64,
     autocast: bool = False,
     return_perturbations: bool = False,
+    noise_mode: str = "additive",
+    scan_mas: ScanMas | None = None,
 ) -> NPSAttackResult:
     """NPS-constrained optimised attack (Algorithm 1): projected gradient ascent on
     ``‖D(x+p) - D(x)‖²`` from ``restarts`` random NPS starts (see the module docstring).
@@ -399,6 +469,8 @@ def optimized_nps_attack(
             the flip decisions are fp32.
         return_perturbations: keep the final perturbations (``result.perturbations[mas]``,
             ``(N, restarts, *spatial)`` HU on CPU).
+        noise_mode, scan_mas: dose mode: the constraint of sample i is the NPS ``a_i² · S_mas``
+            (see "Dose mode" in the module docstring).
         Other arguments as in :func:`random_nps_attack`.
     """
     check_int("restarts", restarts, 1)
@@ -409,6 +481,8 @@ def optimized_nps_attack(
     tol_v = _check_float("tol", tol, positive=False)
     x = _check_inputs(model, x_hu, spacing_mm)
     n = x.shape[0]
+    scan = _scan_mas(noise_mode, scan_mas, n)
+    dose_a = None if scan is None else dose_scale(m, scan).float().to(x.device)  # (N,) a per sample
     nps_model, _ = _nps_and_ref(nps)
     imap = InputMap(model, hu_per_unit)
     counts = torch.zeros(n, dtype=torch.long, device=x.device)
@@ -425,7 +499,10 @@ def optimized_nps_attack(
             with torch.no_grad():
                 p = sample_nps_noise(xb.shape, m, spacing_mm, nps=nps_model, generator=generator, device=x.device)
                 p = p.to(xb.dtype)
-            active = torch.ones(idx.shape[0], dtype=torch.bool, device=x.device)
+            ab = None if dose_a is None else dose_a[idx]  # dose mode: (B,) a of each chain
+            if ab is not None:
+                p = p * _bcast(ab, p)  # start: the target draw scaled to the sample's budget a² · S
+            active = torch.ones(idx.shape[0], dtype=torch.bool, device=x.device) if ab is None else ab > 0
             n_steps = torch.zeros(idx.shape[0], dtype=torch.long)
             for _ in range(n_iter):
                 act = active.nonzero().squeeze(1)
@@ -442,16 +519,22 @@ def optimized_nps_attack(
                 with torch.no_grad():
                     g = torch.nan_to_num(grad.float(), nan=0.0, posinf=0.0, neginf=0.0)
                     rms = g.flatten(1).square().mean(1).sqrt()
-                    scale = torch.where(rms > 0, step / rms.clamp_min(1e-30), torch.zeros_like(rms))
+                    step_c = step if ab is None else step * ab[act]  # dose: δ·a, the same share of σ
+                    scale = torch.where(rms > 0, step_c / rms.clamp_min(1e-30), torch.zeros_like(rms))
                     half = pa + (g * scale.reshape(-1, *([1] * (g.dim() - 1)))).to(pa.dtype)
                     new = project_to_nps(half, m, spacing_mm, nps=nps_model, pool="sample")
+                    if ab is not None:
+                        new = new * _bcast(ab[act], new)  # Proj(·, a²·S) = a · Proj(·, S)
                     rel = (new - pa).flatten(1).norm(dim=1) / pa.flatten(1).norm(dim=1).clamp_min(1e-12)
                     p[act] = new
                     n_steps[act.cpu()] += 1
                     active[act] = rel > tol_v
             with torch.no_grad():
                 z = canonical_forward(model, imap(xb, p), adapter, False)
-                counts.index_add_(0, idx, (adapter.predict(z) != y0[idx]).long())
+                flipped = adapter.predict(z) != y0[idx]
+                if ab is not None:
+                    flipped &= ab > 0  # nothing added: never a flip
+                counts.index_add_(0, idx, flipped.long())
             steps_taken[sl] = n_steps
             if return_perturbations:
                 finals.append(p.detach().float().cpu())
@@ -460,7 +543,7 @@ def optimized_nps_attack(
         n=n,
         k=restarts,
         clean_pred=y0.cpu().numpy(),
-        levels={m: _level(m, counts, restarts)},
+        levels={m: _level(m, counts, restarts, None if scan is None else count_dose_cases(m, scan))},
         settings={
             "mas": m, "restarts": restarts, "step_hu": step, "tol": tol_v, "n_iter": n_iter,
             "spacing_mm": spacing_mm if isinstance(spacing_mm, (int, float)) else list(spacing_mm),
@@ -469,6 +552,10 @@ def optimized_nps_attack(
             "mean_steps": float(steps_taken.float().mean()), "autocast": bool(bf16),
         },
     )
+    if dose_a is not None:
+        ran = (dose_a > 0).cpu().repeat_interleave(restarts)  # chains in sample-major order
+        result.settings["noise_mode"] = "dose"
+        result.settings["mean_steps"] = float(steps_taken[ran].float().mean()) if bool(ran.any()) else 0.0
     if return_perturbations:
         result.perturbations = {m: torch.cat(finals).reshape(n, restarts, *x.shape[1:])}
     return result

@@ -61,8 +61,14 @@ NOISE_MODELS: tuple[str, ...] = get_args(NoiseModelKind)
 ProjectionPool = Literal["all", "sample", "slice"]
 PROJECTION_POOLS: tuple[str, ...] = get_args(ProjectionPool)
 
+#: How NPS noise meets an image's own scan noise (``robustness.noise.mode``): ``additive`` adds the
+#: target-mAs NPS noise on top (the paper); ``dose`` adds only the variance a lower-dose rescan of the
+#: sample's own scan mAs would add (:mod:`ctharden.noise.dose`).
+NoiseMode = Literal["additive", "dose"]
+NOISE_MODES: tuple[str, ...] = get_args(NoiseMode)
+
 #: Dataset sources (``datasets.<name>.kind``).
-DatasetKind = Literal["lidc", "covid", "synthetic"]
+DatasetKind = Literal["lidc", "lidc2d", "covid", "synthetic"]
 DATASET_KINDS: tuple[str, ...] = get_args(DatasetKind)
 
 #: Tasks of synthetic datasets (``datasets.<name>.task`` when ``kind: synthetic``).

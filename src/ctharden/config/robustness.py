@@ -5,7 +5,9 @@ Units: ``pgd.linf`` and ``pgd.l2`` are ε in *model-input units* (``[0, 1]``; th
 them in HU); ``optimized.step_hu`` is HU; ``spacing_mm`` is the in-plane pixel size in mm;
 ``hu_per_unit`` is the HU width of the display window for models that take display-windowed
 images (covid2d: the PNGs carry no HU; 1400 = the lung window ``[-1000, 400]``, an assumption
-stated in the report).
+stated in the report). ``noise_mode`` comes from ``robustness.noise.mode`` (one for every job):
+``additive`` (the paper) or ``dose`` (:mod:`ctharden.noise.dose`, the sample's scan mAs from the
+manifest column ``mas``).
 """
 
 from __future__ import annotations
@@ -15,11 +17,12 @@ from typing import Any
 
 from ctharden.config import choices
 from ctharden.config.params import deep_merge, section
-from ctharden.config.schema import RobustnessJob, validate_section
+from ctharden.config.schema import NoiseSettings, RobustnessJob, validate_section
 from ctharden.core.errors import ConfigError
 
 SPLITS = choices.SPLITS
 MODEL_SETS = choices.MODEL_SETS
+NOISE_MODES = choices.NOISE_MODES
 
 
 @dataclass(frozen=True)
@@ -67,9 +70,19 @@ class RobustnessSettings:
     optimized: OptimizedSettings
     pgd: PGDSettings
     examples: int = 2
+    noise_mode: str = "additive"  # additive (paper) | dose: rescan at the target mAs (ctharden.noise.dose)
+
+    def __post_init__(self) -> None:
+        if self.noise_mode not in NOISE_MODES:
+            raise ConfigError(f"robustness.noise.mode must be one of {', '.join(NOISE_MODES)}, got {self.noise_mode!r}")
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """As a dict; ``noise_mode`` only where it is not the default ``additive`` (so an additive
+        evaluation's JSON is what it was before the option existed)."""
+        out = asdict(self)
+        if self.noise_mode == "additive":
+            del out["noise_mode"]
+        return out
 
     def for_width(self, width: int) -> RobustnessSettings:
         """These settings with ``spacing_mm = fov_mm / width`` when a field of view is given."""
@@ -107,6 +120,12 @@ def parse_settings(cfg: dict[str, Any]) -> RobustnessSettings:
     )
 
 
+def noise_mode(params: dict[str, Any]) -> str:
+    """``robustness.noise.mode`` of the full params dict (validated; ``additive`` when absent)."""
+    block = (params.get("robustness") or {}).get("noise") or {}
+    return validate_section(NoiseSettings, block, ("robustness", "noise")).mode
+
+
 def job_settings(params: dict[str, Any], job: str) -> RobustnessSettings:
-    """The validated robustness settings of training job ``job``."""
-    return parse_settings(robustness_config(params, job))
+    """The validated robustness settings of training job ``job`` (with ``robustness.noise.mode``)."""
+    return replace(parse_settings(robustness_config(params, job)), noise_mode=noise_mode(params))

@@ -45,6 +45,7 @@ from ctharden.config.choices import (
     GateKind,
     HardenMethod,
     ModelSet,
+    NoiseMode,
     NoiseModelKind,
     Norm,
     NpsAttack,
@@ -179,14 +180,30 @@ class DaskSettings(_Model):
 
 
 class LidcDataset(_Model):
-    """``kind: lidc``: :func:`ctharden.data.lidc.ingest_lidc`."""
+    """``kind: lidc``: :func:`ctharden.data.lidc.ingest_lidc`.
+
+    ``mode``: ``3d`` (``nodule3d`` cubes of ``cube_size``) or ``2d`` (``nodule2d`` patches of ``size``,
+    one per reader mark). ``spacing_mm``: voxel/pixel size in mm; unset = 1.0 (3d) or 0.7 (2d).
+    """
 
     kind: Literal["lidc"]
     root: str
+    mode: Literal["3d", "2d"] = "3d"
     cube_size: PosInt = 32
-    spacing_mm: PosNumber = 1.0
+    spacing_mm: PosNumber | None = None
+    size: PosInt = 45
     centroid_tol_mm: PosNumber = 5.0
     strict: StrictBool = False
+
+
+class Lidc2dDataset(_Model):
+    """``kind: lidc2d``: :func:`ctharden.data.lidc2d.ingest_lidc2d` (the LIDC-IDRI crop release)."""
+
+    kind: Literal["lidc2d"]
+    root: str
+    spacing_mm: PosNumber = 0.7
+    size: PosInt = 45
+    limit: PosInt | None = None
 
 
 class CovidDataset(_Model):
@@ -209,9 +226,9 @@ class SyntheticDataset(_Model):
     malignant_fraction: Fraction = 0.35
 
 
-Dataset = Annotated[LidcDataset | CovidDataset | SyntheticDataset, Field(discriminator="kind")]
-DATASET_MODELS: dict[str, type[LidcDataset | CovidDataset | SyntheticDataset]] = {
-    "lidc": LidcDataset, "covid": CovidDataset, "synthetic": SyntheticDataset}
+Dataset = Annotated[LidcDataset | Lidc2dDataset | CovidDataset | SyntheticDataset, Field(discriminator="kind")]
+DATASET_MODELS: dict[str, type[LidcDataset | Lidc2dDataset | CovidDataset | SyntheticDataset]] = {
+    "lidc": LidcDataset, "lidc2d": Lidc2dDataset, "covid": CovidDataset, "synthetic": SyntheticDataset}
 
 
 # ---- train
@@ -306,6 +323,7 @@ class NoiseSettings(_Model):
     rolloff_exponent: PosNumber = 3.0
     table: str | None = None
     projection_pool: ProjectionPool = "all"
+    mode: NoiseMode = "additive"
 
     @model_validator(mode="after")
     def _table_given(self) -> NoiseSettings:

@@ -12,6 +12,8 @@ Tasks and units:
 
 - ``nodule3d``: ``(32, 32, 32)`` float32 cubes in Hounsfield units (HU), axes ``(z, y, x)``,
   1 mm isotropic, air-padded (-1024 HU) at the scan edge.
+- ``nodule2d``: ``(S, S)`` float32 axial nodule patches in HU, axes ``(y, x)``, resampled to one
+  pixel spacing (``spacing_mm`` column; default 0.7 mm) around the nodule (``ctharden.data.lidc2d``).
 - ``covid2d``: ``(H, W)`` float32 single-channel slices in display units scaled to ``[0, 1]``.
 
 The content hash is the SHA-256 of ``manifest.csv``, which itself records every array's SHA-256,
@@ -71,6 +73,7 @@ class TaskSpec:
 
 TASKS: dict[str, TaskSpec] = {
     "nodule3d": TaskSpec("nodule3d", 3, "HU", (-1024.0, 3071.0), {0: "benign", 1: "malignant"}),
+    "nodule2d": TaskSpec("nodule2d", 2, "HU", (-1024.0, 3071.0), {0: "benign", 1: "malignant"}),
     "covid2d": TaskSpec("covid2d", 2, "unit interval [0,1]", (0.0, 1.0), {0: "non-COVID", 1: "COVID"}),
 }
 

@@ -14,6 +14,9 @@ air-padded at the scan edge) centred on the mean of the readers' contour centroi
 contours reach outside the available slices is skipped with a warning naming it; an XML whose
 series is absent is counted (annotation funnel) but yields no cube, with a warning — or an error
 under ``strict``.
+
+``mode="2d"`` instead cuts one ``nodule2d`` patch per reader mark, on that reader's largest
+contour slice (:mod:`ctharden.data.lidc_slices`).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from tqdm import tqdm
@@ -31,6 +34,7 @@ from tqdm import tqdm
 from ctharden.core.errors import DataError
 from ctharden.data.dataset import DatasetWriter, read_info
 from ctharden.data.dicom_series import Volume, extract_cube, find_series, load_volume
+from ctharden.data.lidc_slices import ingest_lidc_slices
 from ctharden.data.lidc_xml import (
     Nodule,
     ReadMessage,
@@ -40,6 +44,7 @@ from ctharden.data.lidc_xml import (
     malignancy_label,
     parse_read_message,
 )
+from ctharden.data.patch2d import DEFAULT_SIZE, DEFAULT_SPACING_MM
 
 log = logging.getLogger(__name__)
 
@@ -163,15 +168,31 @@ def ingest_lidc(
     root: str | os.PathLike[str],
     out: str | os.PathLike[str],
     *,
+    mode: Literal["3d", "2d"] = "3d",
     cube_size: int = 32,
-    spacing_mm: float = 1.0,
+    spacing_mm: float | None = None,
+    size: int = DEFAULT_SIZE,
     centroid_tol_mm: float = 5.0,
     strict: bool = False,
     test_fraction: float = 0.2,
     n_folds: int = 5,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """Ingest an LIDC-IDRI tree into a ``nodule3d`` dataset at ``out``; return the report (funnel, skips)."""
+    """Ingest an LIDC-IDRI tree into a dataset at ``out``; return the report (funnel, skips).
+
+    ``mode="3d"``: ``nodule3d``, ``cube_size``³ cubes of ``spacing_mm`` (default 1.0) mm voxels.
+    ``mode="2d"``: ``nodule2d``, ``size`` × ``size`` patches of ``spacing_mm`` (default 0.7) mm
+    pixels, one per reader mark (:func:`ctharden.data.lidc_slices.ingest_lidc_slices`); ``cube_size``
+    is unused there, as ``size`` is in 3D.
+    """
+    if mode == "2d":
+        return ingest_lidc_slices(
+            root, out, spacing_mm=DEFAULT_SPACING_MM if spacing_mm is None else spacing_mm, size=size,
+            centroid_tol_mm=centroid_tol_mm, strict=strict, test_fraction=test_fraction, n_folds=n_folds, seed=seed,
+        )
+    if mode != "3d":
+        raise DataError(f"LIDC mode must be '3d' or '2d', got {mode!r}")
+    spacing_mm = 1.0 if spacing_mm is None else spacing_mm
     root, out = Path(root), Path(out)
     if not root.is_dir():
         raise DataError(f"{root}: LIDC root is not a directory")

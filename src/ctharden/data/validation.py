@@ -5,9 +5,10 @@ Two steps:
 1. :func:`summarize_dataset` turns a dataset (``manifest.csv`` + ``arrays/*.npy`` + ``dataset.json``)
    into one table, one row per manifest row: the manifest's ids and labels plus per-array facts —
    does the file exist, does it load, does its SHA-256 match the manifest, its shape, dtype,
-   finite min/max/mean, NaN/Inf counts — and per-patient facts (in how many splits a patient
-   appears). Rows whose array is missing or unreadable stay in the table with NaN statistics, so
-   the expectations below name them.
+   finite min/max/mean/1st percentile, NaN/Inf counts — per-patient facts (in how many splits a
+   patient appears) and, for ``nodule2d``, the reader-rating and spacing facts its suite checks.
+   Rows whose array is missing or unreadable stay in the table with NaN statistics, so the
+   expectations below name them.
 2. :func:`validate_dataset` runs the task's expectation suite (:func:`build_expectations`) over
    that table through a GX ``Checkpoint`` whose ``UpdateDataDocsAction`` writes Data Docs under
    ``<report_dir>/data_docs``, and writes ``<report_dir>/summary.csv`` and
@@ -58,8 +59,25 @@ DATA_DOCS = "data_docs"
 SPLITS: tuple[str, ...] = ("train", "test")
 ALLOWED_DTYPES: tuple[str, ...] = ("float32",)
 SPACING_MM = "spacing_mm"
-#: nodule3d cubes are resampled to 1 mm isotropic; ``spacing_mm`` must equal 1.0 within this.
+#: nodule3d cubes are resampled to 1 mm isotropic; ``spacing_mm`` must equal 1.0 within this
+#: (nodule2d: the dataset's resampling spacing, ``dataset.json`` provenance ``spacing_mm``).
 SPACING_TOL = 1e-6
+#: nodule2d lung-plausibility check: a patch's 1st-percentile HU (summary column ``p1``) must lie
+#: here. Every real nodule crop contains lung parenchyma: over all 1616 labelled LIDC crops
+#: (lidc_maxslice, 0.7 mm, 45 x 45) p1 is -1024 .. -650 HU, while a patch stored without the
+#: -1024 HU rescale intercept has p1 >= 0. (The 10th percentile does not work: 3 real crops, a
+#: 37 mm nodule filling the 31.5 mm patch and two 5 mm ones in dense tissue (< 8 % of pixels
+#: below -500 HU), have p10 of -64, -257 and -420 HU; the 2nd percentile reaches -601 HU.)
+LUNG_P1_RANGE_HU: tuple[float, float] = (-1100.0, -500.0)
+#: In-plane pixel spacing of the source CT slices (LIDC: 0.46-0.98 mm).
+SOURCE_SPACING_RANGE_MM: tuple[float, float] = (0.3, 1.5)
+#: How the nodule2d ingesters got HU: DICOM header slope/intercept (crop release or DICOM series),
+#: or the intercept recovered from the image (:func:`ctharden.data.lidc2d.intercept_from_image`).
+HU_SOURCES: tuple[str, ...] = ("header", "image_rule", "dicom_rescale")
+#: ``malignancy_mean`` is stored rounded (4 decimals); it must equal mean(ratings) within this.
+MALIGNANCY_MEAN_TOL = 1e-3
+#: One to any number of reader ratings, each 1..5, separated by ``;`` (e.g. ``4;5;3``).
+_RATINGS_REGEX = r"^[1-5](?:;[1-5])*$"
 #: How many failing sample ids the one-line error message shows per expectation.
 MAX_IDS_IN_MESSAGE = 10
 #: How many failing sample ids validation.json keeps per expectation (the count is always exact).
@@ -94,9 +112,19 @@ SUMMARY_COLUMNS: tuple[str, ...] = (
     "mean",
     "nan_count",
     "inf_count",
+    "p1",
     SPACING_MM,
     "n_splits_of_patient",
     "n_partitions_of_patient",
+    # nodule2d (null/NaN where the manifest lacks the column):
+    "source_spacing_mm",
+    "hu_source",
+    "reader_rating",
+    "ratings",
+    "ratings_mean",
+    "malignancy_mean",
+    "malignancy_mean_error",
+    "malignancy_vs_3",
 )
 
 
@@ -145,6 +173,7 @@ def _nan_stats() -> dict[str, Any]:
         "min": math.nan,
         "max": math.nan,
         "mean": math.nan,
+        "p1": math.nan,
         "nan_count": math.nan,
         "inf_count": math.nan,
     }
@@ -191,12 +220,47 @@ def _array_facts(dataset_dir: Path, rel: Any, expected_sha: Any) -> dict[str, An
             facts["min"] = float(kept.min())
             facts["max"] = float(kept.max())
             facts["mean"] = float(kept.mean(dtype=np.float64))
+            facts["p1"] = float(np.percentile(kept, 1))
     except Exception as exc:  # noqa: BLE001 - e.g. a truncated memory map or a non-numeric array
         facts.update(_nan_stats())
         facts["load_error"] = f"{path}: cannot compute statistics ({type(exc).__name__}: {exc})"
     finally:
         del arr
     return facts
+
+
+def _numeric_column(manifest: pd.DataFrame, col: str) -> np.ndarray:
+    """A manifest column as float64 (non-numeric → NaN); all NaN if the manifest lacks it."""
+    if col not in manifest.columns:
+        return np.full(len(manifest), np.nan)
+    return cast(np.ndarray, pd.to_numeric(manifest[col], errors="coerce").to_numpy(np.float64))
+
+
+def _text_column(manifest: pd.DataFrame, col: str) -> pd.Series:
+    """A manifest column as Python str/None values (None where missing or the column is absent)."""
+    if col not in manifest.columns:
+        return pd.Series([None] * len(manifest), dtype=object)
+    return pd.Series([v if isinstance(v, str) else None for v in manifest[col].tolist()], dtype=object)
+
+
+def _ratings_mean(text: str | None) -> float:
+    """Mean of ``"4;5;3"``-style integer ratings; NaN if missing or malformed (the regex check names it)."""
+    if not text:
+        return math.nan
+    try:
+        values = [int(t) for t in text.split(";")]
+    except ValueError:
+        return math.nan
+    return float(np.mean(values))
+
+
+def _vs_3(mean: float) -> str | None:
+    """``"above"``/``"below"``/``"equal"``: the mean rating against the indeterminate 3."""
+    if not math.isfinite(mean):
+        return None
+    if math.isclose(mean, 3.0):
+        return "equal"
+    return "above" if mean > 3.0 else "below"
 
 
 def _summary_from_manifest(dataset_dir: Path, manifest: pd.DataFrame) -> pd.DataFrame:
@@ -224,12 +288,19 @@ def _summary_from_manifest(dataset_dir: Path, manifest: pd.DataFrame) -> pd.Data
     summary["load_error"] = pd.Series([f["load_error"] for f in facts], dtype=object)
     summary["shape"] = pd.Series([f["shape"] for f in facts], dtype=object)
     summary["dtype"] = pd.Series([f["dtype"] for f in facts], dtype=object)
-    for col in ("min", "max", "mean", "nan_count", "inf_count"):
+    for col in ("min", "max", "mean", "p1", "nan_count", "inf_count"):
         summary[col] = np.array([f[col] for f in facts], dtype=np.float64)
-    if SPACING_MM in manifest.columns:
-        summary[SPACING_MM] = pd.to_numeric(manifest[SPACING_MM], errors="coerce").to_numpy(np.float64)
-    else:
-        summary[SPACING_MM] = np.full(n, np.nan)
+    summary[SPACING_MM] = _numeric_column(manifest, SPACING_MM)
+    # nodule2d reader ratings and acquisition facts.
+    summary["source_spacing_mm"] = _numeric_column(manifest, "source_spacing_mm")
+    summary["hu_source"] = _text_column(manifest, "hu_source")
+    summary["reader_rating"] = _numeric_column(manifest, "reader_rating")
+    summary["ratings"] = _text_column(manifest, "ratings")
+    summary["ratings_mean"] = np.array([_ratings_mean(t) for t in summary["ratings"]], dtype=np.float64)
+    mean = _numeric_column(manifest, "malignancy_mean")
+    summary["malignancy_mean"] = mean
+    summary["malignancy_mean_error"] = np.abs(mean - summary["ratings_mean"].to_numpy())
+    summary["malignancy_vs_3"] = pd.Series([_vs_3(float(m)) for m in mean], dtype=object)
     # Patient leakage: in how many of {train, test} (and of {test, train fold k}) a patient appears.
     split = summary["split"].where(summary["split"].isin(SPLITS))
     partition = pd.Series(
@@ -253,11 +324,15 @@ def summarize_dataset(dataset_dir: Path) -> pd.DataFrame:
     Columns: ``manifest_row`` (line in manifest.csv), ``sample_id``, ``label``, ``label_name``,
     ``patient_id``, ``source``, ``split``, ``fold``, ``array`` (relative path), ``array_exists``
     (bool), ``load_error`` (str or None: unreadable/truncated .npy), ``sha256_ok`` (file hash ==
-    manifest sha256), ``shape`` (e.g. ``"32x32x32"``), ``dtype``, ``min``/``max``/``mean`` (over
-    finite voxels), ``nan_count``, ``inf_count``, ``spacing_mm`` (NaN if the manifest has no such
-    column), ``n_splits_of_patient`` (distinct split values in {train, test} for that patient) and
-    ``n_partitions_of_patient`` (distinct {test, train fold k} for that patient). Arrays are
-    memory-mapped; missing/unreadable arrays give NaN statistics.
+    manifest sha256), ``shape`` (e.g. ``"32x32x32"``), ``dtype``, ``min``/``max``/``mean``/``p1``
+    (1st percentile; over finite voxels), ``nan_count``, ``inf_count``, ``spacing_mm`` (NaN if the
+    manifest has no such column), ``n_splits_of_patient`` (distinct split values in {train, test}
+    for that patient) and ``n_partitions_of_patient`` (distinct {test, train fold k} for that
+    patient); then the nodule2d manifest facts (NaN/None where the manifest lacks the column):
+    ``source_spacing_mm``, ``hu_source``, ``reader_rating``, ``ratings`` (``"4;5;3"``),
+    ``ratings_mean`` (their mean; NaN if malformed), ``malignancy_mean``, ``malignancy_mean_error``
+    (``|malignancy_mean - ratings_mean|``) and ``malignancy_vs_3`` (``above``/``below``/``equal``).
+    Arrays are memory-mapped; missing/unreadable arrays give NaN statistics.
 
     Raises :class:`DataError` if the manifest is missing, malformed or lacks required columns.
     """
@@ -281,9 +356,18 @@ def build_expectations(info: Mapping[str, Any], summary_columns: Sequence[str] =
     """The task's expectations (GX ``Expectation`` objects) over the :func:`summarize_dataset` table.
 
     ``info`` is the dataset's ``dataset.json``; its ``task`` selects label set and value range
-    (:data:`ctharden.data.dataset.TASKS`), its ``shape`` the expected array shape. ``spacing_mm ==
-    1.0`` is expected for nodule3d only when the manifest has a ``spacing_mm`` column (pass the
-    manifest's columns in ``summary_columns`` to decide; the summary always has the column).
+    (:data:`ctharden.data.dataset.TASKS`), its ``shape`` the expected array shape (of the task's
+    rank). ``spacing_mm == 1.0`` is expected for nodule3d only when the manifest has a
+    ``spacing_mm`` column (pass the manifest's columns in ``summary_columns`` to decide; the
+    summary always has the column).
+
+    nodule2d adds (whatever the manifest's columns; a missing one fails its not-null check):
+    ``spacing_mm`` equal to the resampling spacing in ``dataset.json`` provenance, source pixel
+    spacing in :data:`SOURCE_SPACING_RANGE_MM`, the lung-plausibility check
+    (:data:`LUNG_P1_RANGE_HU` on ``p1``), ``ratings`` 1..5 and ``reader_rating`` 1..5,
+    ``malignancy_mean`` equal to mean(ratings), never 3, and label 1 iff it is above 3 (0 iff
+    below), and ``hu_source`` in :data:`HU_SOURCES`. Duplicate ids and patient leakage across
+    splits/folds are checked for every task.
     """
     _import_gx()
     import great_expectations.expectations as gx_expectations
@@ -296,6 +380,8 @@ def build_expectations(info: Mapping[str, Any], summary_columns: Sequence[str] =
     shape = info.get("shape")
     if not isinstance(shape, list) or not shape:
         raise DataError(f"dataset.json has no array shape (got {shape!r})")
+    if len(shape) != spec.ndim:
+        raise DataError(f"dataset.json shape {shape} is not {spec.ndim}-D as task {spec.name} requires")
     shape_str = "x".join(str(int(n)) for n in shape)
     lo, hi = (float(v) for v in spec.value_range)
     labels = sorted(int(k) for k in spec.label_names)
@@ -368,6 +454,70 @@ def build_expectations(info: Mapping[str, Any], summary_columns: Sequence[str] =
                 notes="nodule cubes are 1 mm isotropic",
             ),
         ]
+    if spec.name == "nodule2d":
+        ex += _nodule2d_expectations(gxe, info)
+    return ex
+
+
+def _nodule2d_expectations(gxe: Any, info: Mapping[str, Any]) -> list[Any]:
+    """The nodule2d-only part of the suite (see :func:`build_expectations`)."""
+    spacing = (info.get("provenance") or {}).get(SPACING_MM)
+    if isinstance(spacing, bool) or not isinstance(spacing, (int, float)) or not 0 < spacing < math.inf:
+        raise DataError(
+            f"dataset.json provenance has no valid {SPACING_MM} (got {spacing!r}): a nodule2d dataset "
+            "must record the pixel spacing its patches were resampled to"
+        )
+    spacing = float(spacing)
+    lung_lo, lung_hi = LUNG_P1_RANGE_HU
+    src_lo, src_hi = SOURCE_SPACING_RANGE_MM
+    ex: list[Any] = [
+        gxe.ExpectColumnValuesToBeBetween(
+            column="p1",
+            min_value=lung_lo,
+            max_value=lung_hi,
+            notes="lung check: a nodule patch's 1st-percentile HU is lung parenchyma or air; "
+            "above means the patch is not in HU (e.g. stored without the -1024 intercept)",
+        ),
+    ]
+    for col in (SPACING_MM, "source_spacing_mm", "hu_source", "reader_rating", "ratings", "malignancy_mean"):
+        ex.append(gxe.ExpectColumnValuesToNotBeNull(column=col))
+    ex += [
+        gxe.ExpectColumnValuesToBeBetween(
+            column=SPACING_MM,
+            min_value=spacing - SPACING_TOL,
+            max_value=spacing + SPACING_TOL,
+            notes=f"patches are resampled to {spacing:g} mm (dataset.json provenance spacing_mm)",
+        ),
+        gxe.ExpectColumnValuesToBeBetween(
+            column="source_spacing_mm",
+            min_value=src_lo,
+            max_value=src_hi,
+            notes="source CT pixel spacing must be a CT pixel size",
+        ),
+        gxe.ExpectColumnValuesToBeInSet(column="hu_source", value_set=list(HU_SOURCES)),
+        gxe.ExpectColumnValuesToBeInSet(
+            column="reader_rating", value_set=[1, 2, 3, 4, 5], notes="a malignancy rating is 1..5"
+        ),
+        gxe.ExpectColumnValuesToMatchRegex(
+            column="ratings", regex=_RATINGS_REGEX, notes="every reader's malignancy rating, each 1..5"
+        ),
+        gxe.ExpectColumnValuesToBeBetween(
+            column="malignancy_mean_error",
+            max_value=MALIGNANCY_MEAN_TOL,
+            notes="malignancy_mean must be the mean of ratings",
+        ),
+        gxe.ExpectColumnValuesToBeInSet(
+            column="malignancy_vs_3",
+            value_set=["above", "below"],
+            notes="a mean rating of exactly 3 is indeterminate: such nodules are dropped",
+        ),
+        gxe.ExpectColumnPairValuesToBeInSet(
+            column_A="label",
+            column_B="malignancy_vs_3",
+            value_pairs_set=[(1, "above"), (0, "below")],
+            notes="label 1 iff malignancy_mean > 3, label 0 iff < 3",
+        ),
+    ]
     return ex
 
 

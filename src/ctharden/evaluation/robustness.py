@@ -19,6 +19,13 @@ attacks and PGD use a class-stratified, seeded subset when ``max_samples`` is se
 result: ``n`` per attack). With ``models: folds`` the NPS attacks run on every fold model and the
 tables give mean ± std over them (the paper's Table 2 protocol); PGD and the sanity checks run on
 the selected model.
+
+Noise mode (``settings.noise_mode``, ``robustness.noise.mode``): ``additive`` (the paper) adds the
+target-mAs NPS noise to every sample; ``dose`` simulates a rescan of each sample's own scan at the
+target mAs (:mod:`ctharden.noise.dose`), the scan mAs read from the manifest column ``mas`` (NaN,
+a ``mas_source`` of ``unknown``, or no such column: unknown -> additive, counted). In dose mode every
+level of the random and optimised blocks carries ``noise``: ``{mode, target_mas, n, dose, none,
+additive_fallback}``; in additive mode the result is what it was before the option existed.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 from torch import Tensor, nn
 
@@ -54,6 +62,7 @@ from ctharden.evaluation.clean import binary_metrics
 from ctharden.models import positive_score
 from ctharden.models.predict import predict_scores
 from ctharden.noise import NPSModel, default_nps, sample_nps_noise
+from ctharden.noise.dose import as_scan_mas, dose_scale, scale_per_sample
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +104,8 @@ def _nps_block(results: list[NPSAttackResult], n: int) -> dict[str, Any]:
             "mean_sar": float(np.mean(sel.sar)),
             "sar_above": sar_above_curve(sel.sar),
         }
+        if sel.noise is not None:  # dose mode: same samples for every model
+            levels[f"mas{mas:g}"]["noise"] = sel.noise.to_dict()
     return {"n": n, "k": results[0].k, "n_models": len(results), "levels": levels}
 
 
@@ -105,6 +116,36 @@ def step_hu(settings: RobustnessSettings, mas: float, nps: NPSModel | None) -> f
     N_iter steps would explore the constraint set very differently at different doses."""
 
     return settings.optimized.step_sigma * (nps or default_nps()).sigma(mas)
+
+
+def scan_mas_of(data: ArraySet, idx: np.ndarray) -> Tensor:
+    """The scan mAs ``(k,)`` float64 of the samples at positions ``idx``, NaN where unknown.
+
+    Read from ``data.manifest["mas"]`` (mAs per rotation of the sample's scan); a row whose
+    ``mas_source`` is ``unknown`` counts as unknown whatever its ``mas``; a set without a manifest
+    or without the column is unknown throughout (a dose is never invented).
+
+    Raises:
+        DataError: a ``mas`` that is not a number, or a known one that is not positive and finite.
+    """
+    pos = np.asarray(idx, dtype=np.int64)
+    manifest = data.manifest
+    if manifest is None or "mas" not in manifest.columns:
+        return torch.full((len(pos),), float("nan"), dtype=torch.float64)
+    try:
+        mas = pd.to_numeric(manifest["mas"], errors="raise").to_numpy(dtype=np.float64)[pos]
+    except (TypeError, ValueError) as exc:
+        raise DataError(f"manifest column 'mas' must be numeric mAs (NaN = unknown): {exc}") from None
+    if "mas_source" in manifest.columns:
+        mas = np.where(manifest["mas_source"].astype(str).to_numpy()[pos] == "unknown", np.nan, mas)
+    return as_scan_mas(mas, len(pos))
+
+
+def _dose_inputs(data: ArraySet, settings: RobustnessSettings, idx: np.ndarray) -> dict[str, Any]:
+    """The attacks' ``noise_mode``/``scan_mas`` keywords: none in additive mode (the call of before)."""
+    if settings.noise_mode == "additive":
+        return {}
+    return {"noise_mode": settings.noise_mode, "scan_mas": scan_mas_of(data, idx)}
 
 
 def _nps_inputs(model: nn.Module, settings: RobustnessSettings) -> dict[str, Any]:
@@ -137,7 +178,7 @@ def random_nps_run(
     g = torch.Generator(device=dev).manual_seed(derive_seed(seed, 31, split_index, model_index))
     return random_nps_attack(
         model, data.raw[sub].to(dev), settings.mas_levels, settings.random.k, nps=nps, generator=g,
-        batch_size=settings.random.batch_size, **_nps_inputs(model, settings),
+        batch_size=settings.random.batch_size, **_nps_inputs(model, settings), **_dose_inputs(data, settings, sub),
     )
 
 
@@ -154,7 +195,7 @@ def optimized_nps_run(
     return optimized_nps_attack(
         model, data.raw[osub].to(dev), mas, restarts=o.restarts, step_hu=step_hu(settings, mas, nps), tol=o.tol,
         n_iter=o.n_iter, nps=nps, generator=g, batch_size=o.batch_size, autocast=o.autocast,
-        **_nps_inputs(model, settings),
+        **_nps_inputs(model, settings), **_dose_inputs(data, settings, osub),
     )
 
 
@@ -306,6 +347,9 @@ def example_visuals(
         x0 = data.x[i : i + 1]
         s0 = score(x0)[0]
         draws = sample_nps_noise((32, *xa.shape[1:]), mas, settings.spacing_mm, nps=nps_model, generator=g)
+        dose = _dose_inputs(data, settings, np.array([i]))
+        if dose:  # dose mode: the sample's rescan at the lowest mAs
+            draws = scale_per_sample(draws, dose_scale(mas, dose["scan_mas"]).expand(32))
         noisy = to_input(xa.expand_as(draws), draws)
         s = score(noisy)
         flips = np.nonzero((s > 0.5) != (s0 > 0.5))[0]
@@ -313,7 +357,7 @@ def example_visuals(
         opt = optimized_nps_attack(
             model, xa, mas, restarts=1, step_hu=step_hu(settings, mas, nps_model), tol=settings.optimized.tol,
             n_iter=settings.optimized.n_iter, nps=nps_model, generator=g, return_perturbations=True,
-            **_nps_inputs(model, settings),
+            **_nps_inputs(model, settings), **dose,
         )
         assert opt.perturbations is not None  # asked for with return_perturbations=True
         p_opt = opt.perturbations[mas][0, 0][None]

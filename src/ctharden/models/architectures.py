@@ -12,6 +12,7 @@ name                     output   spatial dims  default window_hu   arch_kwargs 
 ``nodule3d_wider``       logit    3 (or 2)      (-1000, 400)        width=64, stem_stride=2
 ``nodule3d_narrower``    logit    3 (or 2)      (-1000, 400)        width=64, stem_stride=2
 ``nodule3d_fiveclass``   rating   3 (or 2)      (-1000, 400)        width=64, stem_stride=2
+``nodule2d``             logit    2             (-1000, 400)        width=64, stem_stride=2
 ``resnet18_2d``          logits2  2             None                MONAI ResNet kwargs
 ``resnet18_3d``          logits2  3             (-1000, 400)        MONAI ResNet kwargs
 =======================  =======  ============  ==================  ============================
@@ -94,6 +95,15 @@ for _suffix, _desc in _NODULE_VARIANTS.items():
         defaults={3: {"width": 64, "stem_stride": 2}, 2: {"width": 64, "stem_stride": 2}},
         description=_desc,
     )
+ARCHITECTURES["nodule2d"] = ArchSpec(
+    name="nodule2d",
+    builder=_nodule_builder("base", 1),
+    output="logit",
+    spatial_dims=(2,),
+    window_hu=DEFAULT_WINDOW_HU,
+    defaults={2: {"width": 64, "stem_stride": 2}},
+    description="shen et al. 2020 nodule CNN in 2D: the same 4 conv + 4 FC layout and widths, 3x3 convolutions",
+)
 ARCHITECTURES["resnet18_2d"] = ArchSpec(
     name="resnet18_2d",
     builder=build_resnet18,

@@ -13,6 +13,7 @@ The block this reads (every key optional; the values shown are the defaults)::
         rolloff_exponent: 3.0      # parametric: β
         table: null                # table: CSV freq_per_mm,nps_hu2_mm2
         projection_pool: all       # eq. 5 average over: all | sample | slice
+        mode: additive             # additive | dose (ctharden.noise.dose: rescan at the target mAs)
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from ctharden.noise.nps import NPSModel, ParametricNPS, load_nps_table
 
 MODELS = choices.NOISE_MODELS
 POOLS = choices.PROJECTION_POOLS
+MODES = choices.NOISE_MODES
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,7 @@ class NoiseConfig:
     rolloff_exponent: float = 3.0  # β, dimensionless (parametric)
     table: str | None = None  # CSV path (table model)
     projection_pool: str = "all"  # eq. 5 pooling: all | sample | slice
+    mode: str = "additive"  # additive (paper) | dose (ctharden.noise.dose); the attacks read it via RobustnessSettings
 
     def __post_init__(self) -> None:
         """Checked by the schema (:class:`~ctharden.config.schema.NoiseSettings`) like ``params.yaml``."""

@@ -12,6 +12,7 @@ from ctharden.core.errors import ConfigError
 from ctharden.core.io import atomic_write_json
 from ctharden.data.covid import ingest_covid
 from ctharden.data.lidc import ingest_lidc
+from ctharden.data.lidc2d import ingest_lidc2d
 from ctharden.data.synthetic import generate_synthetic
 from ctharden.stages.result import IngestResult
 
@@ -32,6 +33,8 @@ def run(params: dict[str, Any], name: str) -> IngestResult:
     }
     if kind == "lidc":
         report = ingest_lidc(spec.pop("root"), out, **spec, **common)
+    elif kind == "lidc2d":
+        report = ingest_lidc2d(spec.pop("root"), out, **spec, **common)
     elif kind == "covid":
         report = ingest_covid(spec.pop("root"), out, **spec, **common)
     elif kind == "synthetic":

@@ -43,13 +43,14 @@ from ctharden.core.device import select_runtime, set_threads
 from ctharden.core.io import atomic_write_json, atomic_write_text
 from ctharden.core.seeding import init_seed
 from ctharden.data.arrays import ArraySet, load_arrayset
-from ctharden.data.dataset import read_info
+from ctharden.data.dataset import read_info, task_spec
 from ctharden.data.validation import require_validated
 from ctharden.data.version import data_version
 from ctharden.evaluation.clean import aggregate_folds, binary_metrics, format_table, labels_from_scores
 from ctharden.models import build_model
 from ctharden.models.files import load_model, save_model
 from ctharden.models.predict import predict_scores
+from ctharden.models.wrapper import DEFAULT_WINDOW_HU
 from ctharden.reporting.plots import plot_confusion, plot_roc, write_dvc_plots
 from ctharden.stages.result import TrainResult
 from ctharden.tracking.runs import MODEL_FILE_ARTIFACT, configure, flatten, log_pytorch_model, tracking_from_params
@@ -57,23 +58,17 @@ from ctharden.training.loop import TrainConfig, selection_score, train_fold
 
 log = logging.getLogger(__name__)
 STAGE = "train"
-DEFAULT_WINDOW = {"nodule3d": (-1000.0, 400.0), "covid2d": None}
 _LOOP_KEYS = set(TrainConfig.__dataclass_fields__) - {"seed"}
-
-
-
-
-
-
 
 
 def build_job_model(cfg: dict[str, Any], task: str, seed: int) -> torch.nn.Module:
     """The job's architecture for ``task``, initialised from ``seed``."""
 
     torch.manual_seed(seed)
-    window = cfg.get("window_hu", DEFAULT_WINDOW[task])
+    spec = task_spec(task)
+    window = cfg.get("window_hu", DEFAULT_WINDOW_HU if spec.units == "HU" else None)
     return build_model(
-        cfg["arch"], spatial_dims=3 if task == "nodule3d" else 2,
+        cfg["arch"], spatial_dims=spec.ndim,
         window_hu=tuple(window) if window is not None else None, **(cfg.get("arch_kwargs") or {}),
     )
 
