@@ -36,6 +36,9 @@ def test_bad_input_is_one_line_and_non_zero(tmp_path: Path) -> None:
     assert "Traceback" not in r.stderr and r.stderr.strip().startswith("error:")
     r = run("--profile", "nope", "stage", "ingest", "lidc")
     assert r.returncode == 1 and "unknown profile 'nope'" in r.stderr
+    for args in (["evaluate", "--nope"], ["stage", "nope"]):  # usage errors: typer's message, no traceback
+        r = run(*args)
+        assert r.returncode == 2 and "Traceback" not in r.stderr and "Try 'ctharden" in r.stderr, r.stderr
 
 
 @pytest.mark.slow  # three CLI runs that import the whole stack: 24 s on a 2-core CPU

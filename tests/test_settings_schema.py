@@ -73,7 +73,8 @@ def test_a_wrong_enum_value_lists_the_choices() -> None:
     assert "harden.jobs.nodule3d.compare[1] = 'foo'" in msg and "one of adv, ima, rand, trades, nps, adaptive" in msg
     msg = _error("gate.jobs.nodule3d.min_robust_accuracy.linf2={0.1: 0.5}")
     assert "gate.jobs.nodule3d.min_robust_accuracy: unknown norms ['linf2'] (allowed: linf, l2)" in msg
-    assert "datasets.covid.kind = 'dicom': must be one of lidc, lidc2d, covid, synthetic" in _error("datasets.covid.kind=dicom")
+    msg = _error("datasets.covid.kind=dicom")
+    assert "datasets.covid.kind = 'dicom': must be one of lidc, lidc2d, covid, synthetic" in msg
 
 
 def test_a_negative_count_or_value_names_the_range() -> None:

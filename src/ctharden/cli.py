@@ -13,12 +13,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import click
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.markup import escape
 from rich.table import Table
+from typer.exceptions import TyperException
 
 from ctharden.config.params import load_params
 from ctharden.config.schema import ingest_defaults
@@ -580,14 +580,18 @@ def main() -> None:
     except CthardenError as exc:
         err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(1)
-    except click.exceptions.Abort:
+    except typer.Abort:
         err_console.print("aborted")
         sys.exit(130)
-    except click.exceptions.ClickException as exc:
-        exc.show()
+    except typer.Exit as exc:
         sys.exit(exc.exit_code)
-    except click.exceptions.Exit as exc:
-        sys.exit(exc.exit_code)
+    except TyperException as exc:  # a usage error (typer bundles its own click): its message, not a traceback
+        show, code = getattr(exc, "show", None), getattr(exc, "exit_code", 2)
+        if callable(show):
+            show()
+        else:
+            err_console.print(f"error: {escape(str(exc))}")
+        sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from ctharden.core.io import atomic_write_text
+from ctharden.evaluation.trends import trend_lines
 from ctharden.reporting.plots import csv_text, save_png
 
 ATTACKS = (("random_nps", "random"), ("optimized_nps", "optimized"))
@@ -338,6 +339,9 @@ def render_html(
             "gradient ascent on ‖D(x+p)−D(x)‖² with the NPS projection after each step "
             f"(mean {res['optimized_nps'][next(iter(res['optimized_nps']))].get('mean_steps', 0):.1f} "
             "steps per chain).</p>")
+        if res.get("trends"):
+            parts.append("<h3>The papers' trends on this model</h3><ul>" + "".join(
+                f"<li>{html.escape(line[2:])}</li>" for line in trend_lines(res["trends"])) + "</ul>")
         parts.append("<h3>100-PGD robust accuracy</h3>" + _html_table(*pgd_rows(res)))
         parts.append("<h3>Sanity checks of the white-box evaluation</h3>" + _html_table(*sanity_rows(res)))
         for key, p in figures.get(name, {}).items():
@@ -370,7 +374,10 @@ def summary_markdown(results: Mapping[str, Mapping[str, Any]], report_path: str 
         out += [f"## {name}", "", f"clean test AUC {auc_txt}; sanity checks {verdict}", ""]
         for caption, header, rows in (comparisons or {}).get(name, []):
             out += [f"**{caption}**", "", markdown_table(header, rows), ""]
-        out += [markdown_table(*table2_rows(res)), "", markdown_table(*pgd_rows(res)), ""]
+        out += [markdown_table(*table2_rows(res)), ""]
+        if res.get("trends"):
+            out += [*trend_lines(res["trends"]), ""]
+        out += [markdown_table(*pgd_rows(res)), ""]
     return "\n".join(out)
 
 

@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from ctharden.config.hardening import tune_settings
 from ctharden.config.jobs import job_names
 from ctharden.config.params import section
 from ctharden.config.paths import evaluation_paths, harden_paths
@@ -40,6 +41,7 @@ from ctharden.core.io import atomic_write_json, atomic_write_text, load_json
 from ctharden.data.arrays import ArraySet, load_arrayset
 from ctharden.evaluation.attention import save_attention_figure
 from ctharden.evaluation.headline import headline_metrics
+from ctharden.evaluation.trends import hardening_trends, nps_trends
 from ctharden.evaluation.units import evaluate_robustness, model_set
 from ctharden.models import CTClassifier
 from ctharden.noise.config import noise_model
@@ -244,6 +246,11 @@ def write_evaluation(params: dict[str, Any], evaluated: dict[str, tuple[dict[str
                                ("IMA margin distribution per epoch (ma 2020, Fig. 9)", "ima_margins.png")):
                 if (reps / fname).is_file():
                     figures[job][key] = reps / fname
+        headline, mas = headline_metrics(result), result["settings"]["mas_levels"]
+        result["trends"] = nps_trends(headline, mas, result["settings"]["splits"])
+        if baselines and job in baselines:
+            result["trends"].update(hardening_trends(baselines[job]["headline"], headline, mas,
+                                                     tune_settings(params, job).max_auc_drop))
         results[job] = result
     report = write_report(paths["reports"], results, figures, params.get("profile"), baselines)
     if log_mlflow:
