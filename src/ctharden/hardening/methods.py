@@ -130,7 +130,6 @@ def harden_model(
         info["margin_history"] = [h.tolist() for h in states[0].history]
         info["delta"] = states[0].delta
     elif method == "adaptive":
-
         if adaptive_context is None:
             raise ConfigError("adaptive hardening needs the robustness evaluation context")
         res = adaptive_train(model, **adaptive_context, n_adapt=hs.adaptive_n_adapt,

@@ -239,7 +239,6 @@ def write_evaluation(params: dict[str, Any], evaluated: dict[str, tuple[dict[str
     for job, (result, visuals, model) in evaluated.items():
         figures[job] = write_job_figures(result, visuals, model, paths["plots"] / job, paths["reports"] / job)
         if variant == "hardened":
-
             reps = harden_paths(params, job)["reports"]
             for key, fname in (("Hardening methods: 100-PGD accuracy vs ε (ma 2020, Figs. 6-9)",
                                 f"methods_{result['hardening']['norm']}.png"),

@@ -79,7 +79,6 @@ def evaluate_model(
         "split": split, "runtime": runtime.name, "metrics": metrics,
     }
     if plots_dir is not None:
-
         plots_dir = Path(plots_dir)
         labels = [info["label_names"][k] for k in sorted(info["label_names"], key=int)]
         y = data.y.numpy()

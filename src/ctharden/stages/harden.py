@@ -125,7 +125,6 @@ def harden_job(params: dict[str, Any], job: str, *, log_mlflow: bool = True) -> 
         if "adaptive" in infos:
             atomic_write_text(paths["reports"] / "adaptive.md", infos["adaptive"]["tables_markdown"] + "\n")
         if "ima" in infos:
-
             plot_margins([np.asarray(h) for h in infos["ima"]["margin_history"]], infos["ima"]["eps"],
                          paths["reports"] / "ima_margins.png", title=f"{job}: IMA margins per epoch")
         result = {
@@ -141,7 +140,6 @@ def harden_job(params: dict[str, Any], job: str, *, log_mlflow: bool = True) -> 
             "mlflow": {"run_id": parent.info.run_id if parent is not None else None},
         }
         if parent is not None:
-
             mlflow.log_params({"job": job, "method": hs.method, "eps": result["eps"], "eps_source": eps_source,
                                "norm": hs.norm, "epochs": hs.epochs, "lr": hs.lr})
             mlflow.set_tags({"ctharden.job": job, "ctharden.stage": "harden", "ctharden.method": hs.method,

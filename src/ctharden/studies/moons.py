@@ -406,7 +406,6 @@ def run_moons(
                          "accuracy": {k: list(v) for k, v in PAPER_TABLE1.items()}},
     }
     if ima_margins is not None:
-
         counts, edges = np.histogram(ima_margins.numpy(), bins=30, range=(0.0, eps_max))
         results["ima"] = {
             "margin_mean": float(ima_margins.mean()), "margin_median": float(ima_margins.median()),
