@@ -326,7 +326,6 @@ class BaselineLoss:
         self.target = target.float()
 
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor, idx: Tensor) -> tuple[Tensor, dict[str, float]]:
-
         if self.target.device != x.device:
             self.target = self.target.to(x.device)
         out = model(x)

@@ -219,7 +219,6 @@ class NPSNoise(_PairLoss):
         self.rng = random.Random(seed)
 
     def perturb(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
-
         mas = torch.tensor([self.rng.choice(self.mas) for _ in range(len(x))], device=x.device)
         lead = x.shape[:-2]
         mas = mas.reshape(-1, *([1] * (len(lead) - 1))).expand(lead)
