@@ -23,8 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -34,14 +33,14 @@ from tqdm import tqdm
 from ctharden.core.errors import DataError
 from ctharden.data.dataset import DatasetWriter, read_info
 from ctharden.data.dicom_series import Volume, extract_cube, find_series, load_volume
+from ctharden.data.lidc_funnel import AnnotationFunnel
 from ctharden.data.lidc_slices import ingest_lidc_slices
 from ctharden.data.lidc_xml import (
     Nodule,
     ReadMessage,
+    find_xml,
     group_marks,
-    is_lidc_ct_xml,
     malignancy_class,
-    malignancy_label,
     parse_read_message,
 )
 from ctharden.data.patch2d import DEFAULT_SIZE, DEFAULT_SPACING_MM
@@ -53,59 +52,23 @@ NOMINAL_PIXEL_SPACING_MM = 0.703125  # used only to group marks of XMLs whose DI
 
 
 @dataclass
-class Funnel:
-    """How many annotations/nodules pass each filter. Every number is counted, none is assumed."""
+class Funnel(AnnotationFunnel):
+    """The annotation funnel plus the 3D mode's image counts (cubes cut, nodules outside the slices)."""
 
-    xml_files: int = 0
-    xml_files_not_ct: int = 0
-    reading_sessions: int = 0
-    marks: int = 0
-    marks_ge3mm: int = 0
-    marks_lt3mm: int = 0
-    non_nodule_marks: int = 0
-    nodules_ge3mm: int = 0
-    nodules_by_n_readers: Counter[int] = field(default_factory=Counter)
-    dropped_mean_eq_3: int = 0
-    malignant: int = 0
-    benign: int = 0
-    xml_without_images: int = 0
-    labelled_without_images: int = 0
     skipped_outside_slices: int = 0
     cubes_malignant: int = 0
     cubes_benign: int = 0
 
-    def add_message(self, msg: ReadMessage) -> None:
-        self.xml_files += 1
-        self.reading_sessions += msg.n_sessions
-        self.marks += len(msg.marks)
-        self.marks_ge3mm += sum(m.is_large for m in msg.marks)
-        self.marks_lt3mm += sum(not m.is_large for m in msg.marks)
-        self.non_nodule_marks += msg.n_non_nodules
-
     def as_dict(self, images: bool = True) -> dict[str, Any]:
         """All counts; ``images=False`` keeps only the annotation filters (XML-only counting)."""
-        d = {k: v for k, v in self.__dict__.items() if k not in _IMAGE_FIELDS or images}
-        d["nodules_by_n_readers"] = {str(k): v for k, v in sorted(self.nodules_by_n_readers.items())}
-        d["labelled"] = self.malignant + self.benign
+        d = {k: v for k, v in super().as_dict().items() if k not in _IMAGE_FIELDS or images}
         if images:
             d["cubes"] = self.cubes_malignant + self.cubes_benign
         return d
 
-
 _IMAGE_FIELDS = {
     "xml_without_images", "labelled_without_images", "skipped_outside_slices", "cubes_malignant", "cubes_benign",
 }
-
-
-def find_xml(root: Path) -> tuple[list[Path], int]:
-    """LIDC CT XML files under ``root`` (sorted) and the number of other XML files (e.g. radiograph reads)."""
-    ct, other = [], 0
-    for path in sorted(root.rglob("*.xml")):
-        if is_lidc_ct_xml(path):
-            ct.append(path)
-        else:
-            other += 1
-    return ct, other
 
 
 def _nodule_row(nodule: Nodule, msg: ReadMessage, vol: Volume, center_mm: np.ndarray, root: Path) -> dict[str, Any]:
@@ -147,21 +110,8 @@ def count_lidc(root: str | os.PathLike[str], *, centroid_tol_mm: float = 5.0) ->
         funnel.add_message(msg)
         spacing = (NOMINAL_PIXEL_SPACING_MM, NOMINAL_PIXEL_SPACING_MM)
         for nod in group_marks(msg.marks, spacing, centroid_tol_mm):
-            _count_label(funnel, nod)
+            funnel.add_nodule(nod)
     return {"root": str(root), "funnel": funnel.as_dict(images=False), "paper_reference": PAPER_COUNTS}
-
-
-def _count_label(funnel: Funnel, nodule: Nodule) -> int | None:
-    funnel.nodules_ge3mm += 1
-    funnel.nodules_by_n_readers[len(nodule.marks)] += 1
-    label = malignancy_label(nodule.malignancy_mean)
-    if label is None:
-        funnel.dropped_mean_eq_3 += 1
-    elif label == 1:
-        funnel.malignant += 1
-    else:
-        funnel.benign += 1
-    return label
 
 
 def ingest_lidc(
@@ -231,7 +181,7 @@ def ingest_lidc(
             else:
                 used_series.add(msg.series_uid)
             for k, nod in enumerate(nodules):
-                label = _count_label(funnel, nod)
+                label = funnel.add_nodule(nod)
                 if label is None:
                     continue
                 if vol is None:

@@ -46,8 +46,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -61,15 +60,14 @@ from ctharden.data.acquisition import acquisition_from_dicom
 from ctharden.data.dataset import DatasetWriter, read_info
 from ctharden.data.dicom_series import find_series
 from ctharden.data.lidc2d import clip_hu
+from ctharden.data.lidc_funnel import AnnotationFunnel
 from ctharden.data.lidc_xml import (
     Z_TOL_MM,
     Nodule,
     ReaderMark,
-    ReadMessage,
+    find_xml,
     group_marks,
-    is_lidc_ct_xml,
     malignancy_class,
-    malignancy_label,
     parse_read_message,
 )
 from ctharden.data.patch2d import DEFAULT_SIZE, DEFAULT_SPACING_MM, resample_patch
@@ -82,24 +80,10 @@ ATTRIBUTION = "LIDC-IDRI (TCIA, CC BY 3.0; Armato et al. 2011, doi:10.7937/K9/TC
 
 
 @dataclass
-class SliceFunnel:
-    """Counts of the 2D mode: the annotation filters (same names as :class:`ctharden.data.lidc.Funnel`,
-    nodule counts) then the per-mark ones (``marks_*``, ``samples_*``). None is assumed."""
+class SliceFunnel(AnnotationFunnel):
+    """The annotation funnel (nodule counts, as in the 3D mode) plus the per-mark counts of the 2D
+    mode (``marks_*``, ``samples_*``)."""
 
-    xml_files: int = 0
-    xml_files_not_ct: int = 0
-    reading_sessions: int = 0
-    marks: int = 0
-    marks_ge3mm: int = 0
-    marks_lt3mm: int = 0
-    non_nodule_marks: int = 0
-    nodules_ge3mm: int = 0
-    nodules_by_n_readers: Counter[int] = field(default_factory=Counter)
-    dropped_mean_eq_3: int = 0
-    malignant: int = 0
-    benign: int = 0
-    xml_without_images: int = 0
-    labelled_without_images: int = 0
     marks_dropped_mean_eq_3: int = 0
     marks_labelled: int = 0
     marks_without_images: int = 0
@@ -107,32 +91,17 @@ class SliceFunnel:
     samples_malignant: int = 0
     samples_benign: int = 0
 
-    def add_message(self, msg: ReadMessage) -> None:
-        self.xml_files += 1
-        self.reading_sessions += msg.n_sessions
-        self.marks += len(msg.marks)
-        self.marks_ge3mm += sum(m.is_large for m in msg.marks)
-        self.marks_lt3mm += sum(not m.is_large for m in msg.marks)
-        self.non_nodule_marks += msg.n_non_nodules
-
     def add_nodule(self, nodule: Nodule) -> int | None:
         """Count one grouped nodule and its marks; return its label (None: mean == 3, dropped)."""
-        self.nodules_ge3mm += 1
-        self.nodules_by_n_readers[len(nodule.marks)] += 1
-        label = malignancy_label(nodule.malignancy_mean)
+        label = super().add_nodule(nodule)
         if label is None:
-            self.dropped_mean_eq_3 += 1
             self.marks_dropped_mean_eq_3 += len(nodule.marks)
         else:
-            self.malignant += label == 1
-            self.benign += label == 0
             self.marks_labelled += len(nodule.marks)
         return label
 
     def as_dict(self) -> dict[str, Any]:
-        d: dict[str, Any] = dict(self.__dict__)
-        d["nodules_by_n_readers"] = {str(k): v for k, v in sorted(self.nodules_by_n_readers.items())}
-        d["labelled"] = self.malignant + self.benign
+        d = super().as_dict()
         d["samples"] = self.samples_malignant + self.samples_benign
         return d
 
@@ -247,17 +216,6 @@ def read_hu_slice(path: Path) -> HuSlice:
     slope, intercept = float(ds.RescaleSlope), float(ds.RescaleIntercept)
     hu = pixels.astype(np.float64) * slope + intercept
     return HuSlice(hu, col_sp, slope, intercept, ds)
-
-
-def find_xml(root: Path) -> tuple[list[Path], int]:
-    """LIDC CT XML files under ``root`` (sorted) and the number of other XML files (radiograph reads)."""
-    ct, other = [], 0
-    for path in sorted(root.rglob("*.xml")):
-        if is_lidc_ct_xml(path):
-            ct.append(path)
-        else:
-            other += 1
-    return ct, other
 
 
 def ingest_lidc_slices(

@@ -168,6 +168,17 @@ def is_lidc_ct_xml(path: Path) -> bool:
     return b"LidcReadMessage" in head
 
 
+def find_xml(root: Path) -> tuple[list[Path], int]:
+    """LIDC CT XML files under ``root`` (sorted) and the number of other XML files (e.g. radiograph reads)."""
+    ct, other = [], 0
+    for path in sorted(root.rglob("*.xml")):
+        if is_lidc_ct_xml(path):
+            ct.append(path)
+        else:
+            other += 1
+    return ct, other
+
+
 def parse_read_message(path: str | Path) -> ReadMessage:
     """Parse one LIDC CT XML file; :class:`DataError` names the file if it is corrupt or not LIDC CT."""
     path = Path(path)
