@@ -27,6 +27,7 @@ CASES = (
     + [pytest.param("nodule3d", 2, {"width": 8}, IMAGE, id="nodule3d-2d")]
     + [pytest.param("nodule3d_bn", 2, {"width": 8}, IMAGE, id="nodule3d_bn-2d")]
     + [pytest.param("nodule3d", 3, {"width": 8, "stem_stride": 1}, CUBE, id="nodule3d-3d-stem1")]
+    + [pytest.param("nodule2d", 2, {"width": 8}, (45, 45), id="nodule2d")]
     + [pytest.param("resnet18_2d", 2, {}, IMAGE, id="resnet18_2d")]
     + [pytest.param("resnet18_3d", 3, {"widen_factor": 0.25}, CUBE, id="resnet18_3d")]
 )

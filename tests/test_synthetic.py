@@ -163,7 +163,8 @@ def test_covid2d_slices(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("task", "kwargs", "match"),
     [
-        ("nodule2d", {"n": 5}, "unknown task"),
+        ("nodule4d", {"n": 5}, "unknown task"),
+        ("nodule2d", {"n": 5}, "no synthetic phantoms for task 'nodule2d'"),
         ("nodule3d", {"n": 0}, "positive integer"),
         ("covid2d", {"n": -3}, "positive integer"),
         ("nodule3d", {"n": 5, "malignant_fraction": 1.5}, "malignant_fraction"),

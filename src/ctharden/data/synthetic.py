@@ -694,6 +694,9 @@ def generate_synthetic(
     split summary, generator parameters).
     """
     spec = task_spec(task)
+    if task not in _GENERATORS:
+        raise DataError(f"no synthetic phantoms for task {task!r} (synthetic tasks: {', '.join(_GENERATORS)}; "
+                        "nodule2d is real LIDC-IDRI data: `ctharden ingest lidc2d`)")
     if isinstance(n, bool) or not isinstance(n, int | np.integer) or n <= 0:
         raise DataError(f"synthetic {task}: n must be a positive integer, got {n!r}")
     if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
