@@ -236,6 +236,7 @@ def write_evaluation(params: dict[str, Any], evaluated: dict[str, tuple[dict[str
     paths = evaluation_paths(params, variant)
     results: dict[str, dict[str, Any]] = {}
     figures: dict[str, dict[str, Path | None]] = {}
+    headlines: dict[str, dict[str, float]] = {}
     for job, (result, visuals, model) in evaluated.items():
         figures[job] = write_job_figures(result, visuals, model, paths["plots"] / job, paths["reports"] / job)
         if variant == "hardened":
@@ -246,6 +247,7 @@ def write_evaluation(params: dict[str, Any], evaluated: dict[str, tuple[dict[str
                 if (reps / fname).is_file():
                     figures[job][key] = reps / fname
         headline, mas = headline_metrics(result), result["settings"]["mas_levels"]
+        headlines[job] = headline
         result["trends"] = nps_trends(headline, mas, result["settings"]["splits"])
         if baselines and job in baselines:
             result["trends"].update(hardening_trends(baselines[job]["headline"], headline, mas,
@@ -256,7 +258,7 @@ def write_evaluation(params: dict[str, Any], evaluated: dict[str, tuple[dict[str
         for job, result in results.items():
             files = [report["html"], report["summary"], *figures[job].values()]
             result["mlflow_run_id"] = log_to_mlflow(params, result, files)
-    metrics = {job: {"headline": headline_metrics(r), **r} for job, r in results.items()}
+    metrics = {job: {"headline": headlines[job], **r} for job, r in results.items()}
     if jobs and paths["metrics"].is_file():  # a subset of the jobs: keep the others' last metrics
         metrics = {**load_json(paths["metrics"]), **metrics}
     atomic_write_json(paths["metrics"], metrics)
