@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.markup import escape
 from rich.table import Table
+from typer.core import TyperGroup
 from typer.exceptions import TyperException
 
 from ctharden.config.params import load_params
@@ -475,26 +476,39 @@ def stage_validate(name: Annotated[str, typer.Argument(help="Dataset name from p
     out_console.print(validate.summarize({name: validate.run(state.params(), name).to_json()}))
 
 
+_DECISION_STYLE = {"pass": "[green]pass[/]", "fail": "[bold red]FAIL[/]", "inconclusive": "[yellow]inconclusive[/]"}
+_VERDICT_STYLE = {"pass": "[bold green]PASSED[/]", "fail": "[bold red]FAILED[/]",
+                  "inconclusive": "[bold yellow]INCONCLUSIVE[/]"}
+
+
 def _print_gate(gated: Mapping[str, Any]) -> None:
-    """One table per job: every criterion, its threshold, and each gated variant's value and verdict."""
+    """One table per job: every criterion, its threshold, and per gated variant the point value,
+    the one-sided bound the decision rests on, k/n and the decision."""
+    from ctharden.gate.criteria import verdict_of
+
     jobs = list(dict.fromkeys(job for entries in gated.values() for job in entries))
     for job in jobs:
         recs = {v: entries[job] for v, entries in gated.items() if job in entries}
-        table = Table(title=f"robustness gate: {job}")
+        first = next(iter(recs.values()))
+        conf = first.get("confidence")
+        table = Table(title=f"robustness gate: {job}" + (f" ({int(100 * conf)} % one-sided bounds)" if conf else ""))
         table.add_column("criterion")
         table.add_column("threshold", justify="right")
         for v in recs:
             table.add_column(v, justify="right")
-        first = next(iter(recs.values()))
         for name, r in first["criteria"].items():
             cells = []
             for rec in recs.values():
                 c = rec["criteria"][name]
                 value = "n/a" if c["value"] is None else f"{c['value']:.4g}"
-                cells.append(f"{value} [green]pass[/]" if c["passed"] else f"{value} [bold red]FAIL[/]")
+                if c.get("lower") is not None:
+                    value += f" (bound {c['lower'] if c['op'] == '>=' else c['upper']:.4g}"
+                    value += f", {c['k']}/{c['n']})" if c.get("k") is not None else f", n={c['n']})"
+                decision = c.get("decision") or ("pass" if c["passed"] else "fail")
+                more = f" ~{c['samples_to_decide']} needed" if c.get("samples_to_decide") else ""
+                cells.append(f"{value} {_DECISION_STYLE[decision]}{more}")
             table.add_row(name, f"{r['op']} {r['threshold']:g}", *cells)
-        table.add_row("[bold]gate[/]", "", *["[bold green]PASSED[/]" if rec["passed"] else "[bold red]FAILED[/]"
-                                            for rec in recs.values()])
+        table.add_row("[bold]gate[/]", "", *[_VERDICT_STYLE[verdict_of(rec)] for rec in recs.values()])
         out_console.print(table)
 
 
@@ -540,8 +554,68 @@ def register_cmd(
         raise GateFailed(f"nothing registered for {', '.join(missing)}: {why}")
 
 
-for _group in (stage_app, app):  # `ctharden gate|register`: short aliases of `ctharden stage gate|register`
-    _group.command("gate")(gate_cmd)
+class _DefaultCommandGroup(TyperGroup):
+    """A group whose first argument, when it is not one of its commands, goes to ``check``: so
+    ``ctharden gate --variant all`` gates and ``ctharden gate plan`` plans."""
+
+    default = "check"
+
+    def parse_args(self, ctx: typer.Context, args: list[str]) -> list[str]:  # type: ignore[override]
+        if args and args[0] not in self.commands and args[0] not in ("--help", "-h"):
+            args = [self.default, *args]
+        elif not args:
+            args = [self.default]
+        return super().parse_args(ctx, args)
+
+
+gate_app = typer.Typer(cls=_DefaultCommandGroup, help=(
+    "Robustness gate: `ctharden gate [JOBS]` decides every evaluated model on confidence bounds "
+    "(same as `ctharden gate check`); `ctharden gate plan` gives the samples each criterion needs."))
+app.add_typer(gate_app, name="gate")
+
+
+def gate_plan_cmd(
+    jobs: Annotated[list[str] | None, typer.Argument(help="Jobs to plan (default: every gated training job).")] = None,
+    expected: Annotated[list[str] | None, typer.Option(
+        help="CRITERION=VALUE: the rate a model is expected to reach (metric units; repeatable). "
+             "Default: the last evaluation's value, else the policy's margin (gate.plan.margin).")] = None,
+    variant: Annotated[str, typer.Option(help="Whose last evaluation to read: baseline | hardened.")] = "baseline",
+) -> None:
+    """Samples needed per gate criterion to decide it at the gate's confidence for an expected rate
+    (gate.confidence, gate.plan.power), next to the n the last evaluation used."""
+    from ctharden.config.jobs import job_names
+    from ctharden.config.paths import evaluation_paths
+    from ctharden.core.errors import ConfigError
+    from ctharden.core.io import load_json
+    from ctharden.gate.criteria import gate_settings
+    from ctharden.gate.plan import plan_job, plan_markdown
+
+    params = state.params()
+    given: dict[str, float] = {}
+    for item in expected or []:
+        name, sep, value = item.partition("=")
+        try:
+            given[name.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep:
+            raise ConfigError(f"--expected takes CRITERION=VALUE (a number), got {item!r}")
+    path = evaluation_paths(params, variant)["metrics"]
+    evaluated = load_json(path) if path.is_file() else {}
+    plans = {job: gate_settings(params, job) for job in jobs or job_names(params)}
+    known = {c.name for gs in plans.values() for c in gs.criteria}
+    unknown = sorted(set(given) - known)
+    if unknown:
+        raise ConfigError(f"--expected names unknown criteria {unknown} (known: {', '.join(sorted(known))})")
+    for job, gs in plans.items():
+        rows = plan_job(gs, intervals=(evaluated.get(job) or {}).get("intervals"), expected=given)
+        out_console.print(plan_markdown(job, rows), markup=False, highlight=False)
+
+
+gate_app.command("check")(gate_cmd)
+gate_app.command("plan")(gate_plan_cmd)
+stage_app.command("gate")(gate_cmd)
+for _group in (stage_app, app):  # `ctharden register`: short alias of `ctharden stage register`
     _group.command("register")(register_cmd)
 
 

@@ -169,6 +169,7 @@ class NPSAttackResult:
     levels: dict[float, NPSLevelResult]
     settings: dict[str, Any] = field(default_factory=dict)
     perturbations: dict[float, Tensor] | None = None
+    index: np.ndarray | None = None  # (N,) the caller's positions of the attacked samples (the evaluation sets it)
 
     def __getitem__(self, mas: float) -> NPSLevelResult:
         return self.levels[float(mas)]

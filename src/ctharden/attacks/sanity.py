@@ -94,11 +94,14 @@ class SanityReport:
         curve: ``{"eps": [...], "accuracy": [...]}`` of the PGD runs (ε = 0, then the listed ε and
             ``large_eps`` in increasing order).
         settings: the arguments the checks ran with.
+        broken: per ε of the curve (ε > 0), bool ``(N,)``: which samples the PGD run broke (fp32
+            decisions; per-sample outcomes for paired comparisons; not part of :meth:`to_dict`).
     """
 
     checks: list[dict[str, Any]]
     curve: dict[str, list[float]] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)
+    broken: dict[float, Tensor] = field(default_factory=dict)
 
     @property
     def passed(self) -> bool:
@@ -503,7 +506,8 @@ def run_sanity_checks(
         "tolerance": tolerance, "large_eps": big, "check_eps": ce_eps, "n_random": n_random,
         "n": int(x.shape[0]), "autocast": setup.bf16, "early_stop": bool(early_stop),
     }
-    return SanityReport(checks=checks, curve=curve, settings=settings)
+    broken = {e: runs[e][1].detach().cpu() for e in attack_eps}
+    return SanityReport(checks=checks, curve=curve, settings=settings, broken=broken)
 
 
 def pgd_accuracy(

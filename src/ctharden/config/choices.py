@@ -83,6 +83,16 @@ VARIANTS: tuple[str, ...] = get_args(Variant)
 GateKind = Literal["clean_auc", "san_rate", "robust_accuracy", "sanity"]
 GATE_KINDS: tuple[str, ...] = get_args(GateKind)
 
+#: Confidence-interval methods for a rate (``robustness.intervals.method``, ``gate.method``):
+#: exact Clopper–Pearson or Wilson's score interval (:mod:`ctharden.evaluation.intervals`).
+IntervalMethod = Literal["clopper-pearson", "wilson"]
+INTERVAL_METHODS: tuple[str, ...] = get_args(IntervalMethod)
+
+#: A gate criterion's (and a model's) verdict: decided on one-sided confidence bounds
+#: (:mod:`ctharden.gate.criteria`); only ``pass`` registers.
+Decision = Literal["pass", "fail", "inconclusive"]
+DECISIONS: tuple[str, ...] = get_args(Decision)
+
 #: What error messages call the values of each choice when used as mapping keys.
 NOUNS: dict[tuple[str, ...], str] = {
     NORMS: "norms",

@@ -73,6 +73,12 @@ def evaluation_paths(params: Mapping[str, Any], variant: str = "baseline") -> di
     }
 
 
+def outcomes_path(params: Mapping[str, Any], variant: str, job: str) -> Path:
+    """The per-sample outcomes of a job's evaluation (which test samples each attack broke, by
+    sample id): what paired tests (champion promotion, the pull-request check) compare."""
+    return evaluation_paths(params, variant)["reports"] / job / "outcomes.json"
+
+
 def tune_paths(params: Mapping[str, Any], job: str) -> dict[str, Path]:
     """Where the tune stage writes for ``job``."""
     return {

@@ -56,6 +56,13 @@ class PGDSettings:
 
 
 @dataclass(frozen=True)
+class IntervalSettings:
+    level: float = 0.95  # two-sided confidence level of every reported interval
+    method: str = "clopper-pearson"  # rates: clopper-pearson | wilson; AUC: DeLong
+    bootstrap: int = 2000  # stratified bootstrap resamples of the AUC (a check of DeLong; 0: none)
+
+
+@dataclass(frozen=True)
 class RobustnessSettings:
     """Everything one job's evaluation needs (see the module docstring for units)."""
 
@@ -71,6 +78,11 @@ class RobustnessSettings:
     pgd: PGDSettings
     examples: int = 2
     noise_mode: str = "additive"  # additive (paper) | dose: rescan at the target mAs (ctharden.noise.dose)
+    intervals: IntervalSettings = field(default_factory=IntervalSettings)
+    #: attacks whose sample cap is ``plan`` (``optimized``, ``pgd``): uncapped until
+    #: :meth:`with_caps` sets what the gate's planner says; ``planned_caps`` records it.
+    planned: tuple[str, ...] = ()
+    planned_caps: dict[str, int | None] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.noise_mode not in NOISE_MODES:
@@ -82,7 +94,20 @@ class RobustnessSettings:
         out = asdict(self)
         if self.noise_mode == "additive":
             del out["noise_mode"]
+        out["planned"] = list(self.planned)
         return out
+
+    def with_caps(self, caps: dict[str, int | None]) -> RobustnessSettings:
+        """These settings with the planner's caps for the ``planned`` attacks (None: every sample)."""
+        unknown = set(caps) - set(self.planned)
+        if unknown:
+            raise ConfigError(f"sample caps given for attacks whose max_samples is not 'plan': {sorted(unknown)}")
+        opt, pgd = self.optimized, self.pgd
+        if "optimized" in caps:
+            opt = replace(opt, max_samples=caps["optimized"])
+        if "pgd" in caps:
+            pgd = replace(pgd, max_samples=caps["pgd"])
+        return replace(self, optimized=opt, pgd=pgd, planned_caps={**self.planned_caps, **caps})
 
     def for_width(self, width: int) -> RobustnessSettings:
         """These settings with ``spacing_mm = fov_mm / width`` when a field of view is given."""
@@ -107,16 +132,24 @@ def parse_settings(cfg: dict[str, Any]) -> RobustnessSettings:
     unknown keys and bad values are :class:`ConfigError`. PGD ε lists come out sorted, without repeats."""
     m = validate_section(RobustnessJob, cfg, ("robustness",))
     opt, pgd = m.optimized, m.pgd
+    planned = tuple(name for name, block in (("optimized", opt), ("pgd", pgd)) if block.max_samples == "plan")
+
+    def cap(value: int | str | None) -> int | None:
+        return value if isinstance(value, int) else None  # "plan": uncapped until with_caps
+
     return RobustnessSettings(
         mas_levels=list(m.mas_levels), splits=list(m.splits or SPLITS), models=m.models, max_samples=m.max_samples,
         spacing_mm=m.spacing_mm, hu_per_unit=m.hu_per_unit, fov_mm=m.fov_mm,
         random=RandomSettings(k=m.random.k, batch_size=m.random.batch_size),
         optimized=OptimizedSettings(restarts=opt.restarts, step_sigma=opt.step_sigma, tol=opt.tol, n_iter=opt.n_iter,
-                                    max_samples=opt.max_samples, batch_size=opt.batch_size, autocast=opt.autocast),
+                                    max_samples=cap(opt.max_samples), batch_size=opt.batch_size, autocast=opt.autocast),
         pgd=PGDSettings(linf=sorted(set(pgd.linf or ())), l2=sorted(set(pgd.l2 or ())), steps=pgd.steps,
-                        restarts=pgd.restarts, loss=pgd.loss, max_samples=pgd.max_samples, autocast=pgd.autocast,
+                        restarts=pgd.restarts, loss=pgd.loss, max_samples=cap(pgd.max_samples), autocast=pgd.autocast,
                         tolerance=pgd.tolerance, n_random=pgd.n_random),
         examples=m.examples,
+        intervals=IntervalSettings(level=m.intervals.level, method=m.intervals.method,
+                                   bootstrap=m.intervals.bootstrap),
+        planned=planned,
     )
 
 

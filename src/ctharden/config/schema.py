@@ -44,6 +44,7 @@ from ctharden.config.choices import (
     AttackLoss,
     GateKind,
     HardenMethod,
+    IntervalMethod,
     ModelSet,
     NoiseMode,
     NoiseModelKind,
@@ -292,7 +293,7 @@ class OptimizedBlock(_Model):
     step_sigma: PosNumber = 0.25
     tol: NonNegNumber = 1e-3
     n_iter: PosInt = 10
-    max_samples: PosInt | None = None
+    max_samples: PosInt | Literal["plan"] | None = None  # plan: the gate's sample planner sets it
     batch_size: PosInt = 64
     autocast: StrictBool = True
 
@@ -305,7 +306,7 @@ class PgdBlock(_Model):
     steps: PosInt = 100
     restarts: PosInt = 1
     loss: AttackLoss = "both"
-    max_samples: PosInt | None = None
+    max_samples: PosInt | Literal["plan"] | None = None  # plan: the gate's sample planner sets it
     autocast: StrictBool = True
     tolerance: PosNumber = 0.05
     n_random: PosInt = 10
@@ -332,6 +333,16 @@ class NoiseSettings(_Model):
         return self
 
 
+class IntervalsBlock(_Model):
+    """``robustness.intervals``: the two-sided confidence intervals the evaluation reports
+    (:mod:`ctharden.evaluation.intervals`): rates by ``method``, AUC by DeLong with a stratified
+    bootstrap of ``bootstrap`` resamples as a check (0: no bootstrap)."""
+
+    level: Annotated[Number, Field(gt=0.5, lt=1)] = 0.95
+    method: IntervalMethod = "clopper-pearson"
+    bootstrap: NonNegInt = 2000
+
+
 class RobustnessJob(_Model):
     """``robustness.defaults`` deep-merged with ``robustness.jobs.<job>``."""
 
@@ -346,6 +357,7 @@ class RobustnessJob(_Model):
     optimized: Annotated[OptimizedBlock, BeforeValidator(_empty_if_none)] = Field(default_factory=OptimizedBlock)
     pgd: Annotated[PgdBlock, BeforeValidator(_empty_if_none)] = Field(default_factory=PgdBlock)
     examples: NonNegInt = 2
+    intervals: Annotated[IntervalsBlock, BeforeValidator(_empty_if_none)] = Field(default_factory=IntervalsBlock)
 
     @field_validator("mas_levels")
     @classmethod
@@ -468,10 +480,25 @@ class ChampionBlock(_Model):
     max_clean_auc_drop: Number = 0.02
 
 
+DEFAULT_PLAN_MARGIN: dict[GateKind, float] = {"clean_auc": 0.03, "san_rate": 10.0, "robust_accuracy": 0.10}
+
+
+class PlanBlock(_Model):
+    """``gate.plan``: what the sample-size planner (:mod:`ctharden.gate.planner`) assumes. A model
+    whose true rate is ``margin`` better than the threshold (in the criterion's units: AUC, % for
+    SAN/N, a share for robust accuracy) must be decided *pass* with probability ``power``."""
+
+    power: Annotated[Number, Field(gt=0, lt=1)] = 0.8
+    margin: dict[GateKind, PosNumber] = Field(default_factory=lambda: dict(DEFAULT_PLAN_MARGIN))
+
+
 class GateJob(_Model):
     """``gate.defaults`` deep-merged with ``gate.jobs.<job>``; which criteria these give, and whether
     ``primary`` is one of them, is decided by :func:`ctharden.gate.criteria.gate_settings`."""
 
+    confidence: Annotated[Number, Field(gt=0.5, lt=1)] = 0.95
+    method: IntervalMethod = "clopper-pearson"
+    plan: Annotated[PlanBlock, BeforeValidator(_empty_if_none)] = Field(default_factory=PlanBlock)
     min_clean_auc: Number | None = None
     max_san_rate: dict[NpsAttack, LevelTable | None] | None = None
     min_robust_accuracy: dict[Norm, LevelTable | None] | None = None

@@ -13,8 +13,13 @@ from typing import Any
 
 #: The NPS attacks as the evaluation result names them, and their short names in metric names.
 NPS_RESULT_KEYS = (("random_nps", "random"), ("optimized_nps", "optimized"))
-CLEAN_TEST_AUC = "robust_clean_test_auc"
+CLEAN_TEST_AUC = "robust_clean_test_auc"  # == clean_metric_name("test", "auc")
 SANITY_PASSED = "robust_sanity_passed"
+
+
+def clean_metric_name(split: str, key: str) -> str:
+    """A clean metric (``accuracy``, ``sensitivity``, ``specificity``, ``auc``) on ``split``."""
+    return f"robust_clean_{split}_{key}"
 
 
 def san_rate_name(attack: str, split: str, mas: float) -> str:

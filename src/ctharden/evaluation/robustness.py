@@ -50,21 +50,25 @@ from ctharden.attacks import (
 from ctharden.attacks.common import attack_mode
 from ctharden.attacks.nps import InputMap, NPSAttackResult
 from ctharden.attacks.nps_metrics import sar_above_curve
-from ctharden.attacks.pgd import normalized_area
+from ctharden.attacks.pgd import normalized_area, predict_broken
 from ctharden.config import choices
-from ctharden.config.robustness import RobustnessSettings
+from ctharden.config.robustness import IntervalSettings, RobustnessSettings
 from ctharden.core.device import select_runtime
 from ctharden.core.errors import DataError
 from ctharden.core.seeding import derive_seed
 from ctharden.data.arrays import ArraySet
 from ctharden.data.dataset import read_info
 from ctharden.evaluation.clean import binary_metrics
+from ctharden.evaluation.intervals import auc_bootstrap, auc_delong
 from ctharden.models import positive_score
 from ctharden.models.predict import predict_scores
 from ctharden.noise import NPSModel, default_nps, sample_nps_noise
 from ctharden.noise.dose import as_scan_mas, dose_scale, scale_per_sample
 
 log = logging.getLogger(__name__)
+#: The key under which a unit's per-sample outcomes travel until the evaluation moves them to the
+#: outcomes file (:func:`ctharden.evaluation.units.assemble`); never part of the metrics.
+OUTCOMES = "_outcomes"
 
 
 def stratified_subset(y: np.ndarray, max_n: int | None, seed: int) -> np.ndarray:
@@ -101,6 +105,7 @@ def _nps_block(results: list[NPSAttackResult], n: int) -> dict[str, Any]:
             "san_rate": sel.san_rate,  # selected model, % of samples
             "san_rate_mean": spread["mean"],
             "san_rate_std": spread["std"],
+            "san_pooled": int(sum(lv.san for lv in per_model)),  # over every model: of n × n_models
             "mean_sar": float(np.mean(sel.sar)),
             "sar_above": sar_above_curve(sel.sar),
         }
@@ -176,10 +181,11 @@ def random_nps_run(
     dev = device or torch.device("cpu")
     sub, _ = nps_samples(data, settings, seed, split_index)
     g = torch.Generator(device=dev).manual_seed(derive_seed(seed, 31, split_index, model_index))
-    return random_nps_attack(
+    res = random_nps_attack(
         model, data.raw[sub].to(dev), settings.mas_levels, settings.random.k, nps=nps, generator=g,
         batch_size=settings.random.batch_size, **_nps_inputs(model, settings), **_dose_inputs(data, settings, sub),
     )
+    return dataclasses.replace(res, index=sub)
 
 
 def optimized_nps_run(
@@ -192,11 +198,12 @@ def optimized_nps_run(
     o = settings.optimized
     mas = settings.mas_levels[mas_index]
     g = torch.Generator(device=dev).manual_seed(derive_seed(seed, 33, split_index, model_index, mas_index))
-    return optimized_nps_attack(
+    res = optimized_nps_attack(
         model, data.raw[osub].to(dev), mas, restarts=o.restarts, step_hu=step_hu(settings, mas, nps), tol=o.tol,
         n_iter=o.n_iter, nps=nps, generator=g, batch_size=o.batch_size, autocast=o.autocast,
         **_nps_inputs(model, settings), **_dose_inputs(data, settings, osub),
     )
+    return dataclasses.replace(res, index=osub)
 
 
 def merge_levels(per_mas: Sequence[NPSAttackResult], settings: RobustnessSettings) -> NPSAttackResult:
@@ -259,11 +266,15 @@ def pgd_norm_run(
     acc = dict(zip(report.curve["eps"], report.curve["accuracy"], strict=True))
     values = [0.0, *eps]
     accuracy = [acc[e] for e in values]
+    broken = {0.0: predict_broken(model, x, y).cpu(), **{e: report.broken[e] for e in eps}}  # ε = 0: clean fp32
     curve = {
         "eps": values, "eps_hu": _eps_hu(model, values, settings), "accuracy": accuracy,
+        "survived": [int((~broken[e]).sum()) for e in values],
         "auc": normalized_area(values, accuracy), "n": int(len(sub)), "steps": p.steps, "restarts": p.restarts,
         "loss": p.loss, "large_eps": report.settings["large_eps"],
         "accuracy_large_eps": acc[report.settings["large_eps"]],
+        OUTCOMES: {"ids": [data.sample_ids[int(i)] for i in sub],
+                   "broken": {f"{e:g}": broken[e].tolist() for e in values}},
     }
     return curve, report.to_dict()
 
@@ -296,16 +307,32 @@ def _eps_hu(model: nn.Module, eps: Sequence[float], settings: RobustnessSettings
     return None
 
 
-def clean_metrics(model: nn.Module, data: ArraySet, device: torch.device | None = None) -> dict[str, Any]:
-    """AUC, accuracy, sensitivity, specificity per split (fp32, eval mode)."""
+def clean_metrics(model: nn.Module, data: ArraySet, device: torch.device | None = None,
+                  intervals: IntervalSettings | None = None) -> dict[str, Any]:
+    """AUC, accuracy, sensitivity, specificity per split (fp32, eval mode), with the AUC's DeLong
+    interval (``auc_delong``: point, lower, upper, se) and, as its check, a stratified bootstrap
+    (``auc_bootstrap``) at ``intervals.level``; the test split also carries its per-sample scores
+    under :data:`OUTCOMES` (``ids``, ``y``, ``score``), which the evaluation moves to the outcomes file."""
 
+    cfg = intervals or IntervalSettings()
     runtime = select_runtime("cpu" if device is None or device.type == "cpu" else "cuda", "fp32")
-    out = {}
+    out: dict[str, Any] = {}
     for split in ("train", "test"):
         idx = data.indices(split)
         if len(idx):
             _, scores = predict_scores(model, data.x[idx], runtime)
-            out[split] = binary_metrics(data.y[idx].numpy(), scores)
+            y = data.y[idx].numpy()
+            m = binary_metrics(y, scores)
+            if m["auc"] is not None:
+                m["auc_delong"] = auc_delong(y, scores, level=cfg.level).to_dict()
+                if cfg.bootstrap:
+                    m["auc_bootstrap"] = auc_bootstrap(y, scores, level=cfg.level, n_boot=cfg.bootstrap,
+                                                       seed=len(idx)).to_dict()
+            if split == "test":
+                m[OUTCOMES] = {"index": [int(i) for i in idx], "ids": [data.sample_ids[int(i)] for i in idx],
+                               "y": y.astype(int).tolist(),
+                               "score": [float(v) for v in scores]}
+            out[split] = m
     return out
 
 

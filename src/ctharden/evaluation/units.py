@@ -37,7 +37,9 @@ from torch import nn
 from ctharden.config.robustness import RobustnessSettings
 from ctharden.core.errors import DataError
 from ctharden.data.arrays import ArraySet
+from ctharden.evaluation.evidence import result_intervals
 from ctharden.evaluation.robustness import (
+    OUTCOMES,
     PGD_NORMS,
     clean_metrics,
     example_visuals,
@@ -108,7 +110,7 @@ def run_unit(
     t0 = time.perf_counter()
     model = models[unit.model or 0]
     if unit.kind == "clean":
-        value: Any = clean_metrics(model, data, device)
+        value: Any = clean_metrics(model, data, device, settings.intervals)
     elif unit.kind == "random_nps":
         value = random_nps_run(model, data, settings, split_index=_index(unit.split), model_index=_index(unit.model),
                                seed=seed, nps=nps, device=device)
@@ -154,24 +156,56 @@ def assemble_nps(units: Sequence[EvalUnit], partials: Sequence[UnitResult], sett
     return nps_tables(rnd, opt, settings)
 
 
+def _without(block: dict[str, Any], key: str) -> dict[str, Any]:
+    return {k: v for k, v in block.items() if k != key}
+
+
+def outcomes_of(units: Sequence[EvalUnit], got: dict[EvalUnit, UnitResult], settings: RobustnessSettings
+                ) -> dict[str, Any]:
+    """Per-sample outcomes on the test split, by sample id (the selected model): clean scores,
+    which samples each NPS attack flipped at each mAs and which each PGD run broke at each ε."""
+    clean = got[EvalUnit("clean")].value.get("test", {}).get(OUTCOMES)
+    if clean is None:
+        return {}
+    ids = dict(zip(clean["index"], clean["ids"], strict=True))
+    out: dict[str, Any] = {"clean": {k: clean[k] for k in ("ids", "y", "score")}}
+    if "test" in settings.splits:
+        si = settings.splits.index("test")
+        for kind, short in (("random_nps", "random"), ("optimized_nps", "optimized")):
+            found = [got[u].value for u in units if u.kind == kind and u.split == si and (u.model or 0) == 0]
+            if not found or found[0].index is None:
+                continue
+            flipped: dict[str, list[bool]] = {}
+            for res in found:  # the optimised attack: one result per mAs level
+                flipped.update({f"{mas:g}": lv.flipped_any.tolist() for mas, lv in res.levels.items()})
+            out[short] = {"ids": [ids[int(i)] for i in found[0].index], "flipped": flipped}
+    for u in units:
+        if u.kind == "pgd":
+            out[f"pgd_{u.norm}"] = got[u].value[0][OUTCOMES]
+    return out
+
+
 def assemble(units: Sequence[EvalUnit], partials: Sequence[UnitResult], settings: RobustnessSettings,
              n_models: int) -> tuple[dict[str, Any], dict[str, Any]]:
     """``(result, visuals)`` of :func:`~ctharden.evaluation.robustness.evaluate_robustness` from
     every unit's result (``partials[i]`` belongs to ``units[i]``; any order). ``seconds`` sums the
-    units' own times per group (``total``: all units)."""
+    units' own times per group (``total``: all units). ``result["outcomes"]`` holds the per-sample
+    outcomes (:func:`outcomes_of`; the evaluation stage writes them to their own file) and
+    ``result["intervals"]`` every interval (:mod:`ctharden.evaluation.evidence`)."""
     got = _by_unit(units, partials)
     missing = [u.name for u in evaluation_units(settings, n_models) if u not in got]
     if missing:
         raise DataError(f"evaluation units without a result: {missing}")
     random_res, opt_res = assemble_nps(units, partials, settings, n_models)
     pgd = {u.norm: got[u].value for u in units if u.kind == "pgd"}
-    curves = {norm: pgd[norm][0] for norm in PGD_NORMS if norm in pgd}
+    curves = {norm: _without(pgd[norm][0], OUTCOMES) for norm in PGD_NORMS if norm in pgd}
     sanity = {norm: pgd[norm][1] for norm in PGD_NORMS if norm in pgd}
     timings = dict.fromkeys(("clean", "nps", "pgd", "examples"), 0.0)
     for u, r in got.items():
         timings[_TIMING_GROUP[u.kind]] += r.seconds
+    clean = {split: _without(m, OUTCOMES) for split, m in got[EvalUnit("clean")].value.items()}
     result = {
-        "clean": got[EvalUnit("clean")].value,
+        "clean": clean,
         "random_nps": random_res,
         "optimized_nps": opt_res,
         "pgd": curves,
@@ -181,7 +215,9 @@ def assemble(units: Sequence[EvalUnit], partials: Sequence[UnitResult], settings
         "n_models": n_models,
         "settings": settings.to_dict(),
         "seconds": {k: round(v, 1) for k, v in {**timings, "total": sum(timings.values())}.items()},
+        "outcomes": outcomes_of(units, got, settings),
     }
+    result["intervals"] = result_intervals(result)
     return result, got[EvalUnit("examples")].value
 
 

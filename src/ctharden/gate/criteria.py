@@ -12,8 +12,19 @@ headline metric of the evaluation (:mod:`ctharden.evaluation.headline`, test spl
 A threshold of ``null`` disables that criterion. A criterion whose metric the evaluation did not
 measure (e.g. an ε not in the PGD grid) fails: the gate never passes on a number it has not seen.
 
->>> verdict = check(headline, gate_settings(params, "nodule3d"))
->>> verdict["passed"], verdict["failed"]
+**Decided on confidence bounds, not point values.** Every rate comes with its count ``k`` of ``n``
+samples (the evaluation's ``intervals``), the AUC with its DeLong standard error. At the gate's
+``confidence`` (default 95 %, one-sided) a ``>=`` criterion *passes* when the lower bound clears
+the threshold, *fails* when the upper bound is below it and is *inconclusive* otherwise; ``<=``
+criteria (SAN/N) mirror it. Rates use exact Clopper–Pearson bounds (``gate.method: wilson`` for
+Wilson's). A model's verdict is ``fail`` if any criterion fails, else ``inconclusive`` if any is,
+else ``pass``; only ``pass`` registers. An inconclusive criterion states how many samples would
+decide it at the observed rate (:mod:`ctharden.gate.planner`). So a lucky draw on 16 samples
+cannot pass a criterion that 16 samples cannot decide, and a model at the threshold passes with
+probability at most 5 %.
+
+>>> verdict = check(headline, gate_settings(params, "nodule3d"), result["intervals"])
+>>> verdict["verdict"], verdict["failed"], verdict["inconclusive"]
 
 The gate stage (:mod:`ctharden.stages.gate`) applies it to every evaluated model and writes
 ``metrics/gate.json``.
@@ -23,14 +34,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from ctharden.config import choices
 from ctharden.config.params import deep_merge, section
 from ctharden.config.schema import GateJob, job_path, validate_section
-from ctharden.core.errors import ConfigError
+from ctharden.core.errors import ConfigError, DataError
 from ctharden.evaluation.headline import CLEAN_TEST_AUC, SANITY_PASSED, pgd_accuracy_name, san_rate_name
+from ctharden.evaluation.intervals import proportion_interval, z_value
+from ctharden.gate.planner import auc_samples_needed, samples_needed
+from ctharden.reporting.report import bound_text
 
 KINDS = choices.GATE_KINDS  # which regression tolerance applies to a criterion
 NPS_ATTACKS = choices.NPS_ATTACKS
@@ -50,6 +64,8 @@ class Criterion:
     description: str
 
     def passes(self, value: float | None) -> bool:
+        """Whether a point value meets the threshold (the champion and regression rules use it;
+        the gate decides on bounds, :meth:`decide`)."""
         if value is None or not math.isfinite(value):
             return False
         return value >= self.threshold if self.op == ">=" else value <= self.threshold
@@ -57,6 +73,38 @@ class Criterion:
     def worse_by(self, old: float, new: float) -> float:
         """How much worse ``new`` is than ``old`` in this criterion's direction (> 0: worse)."""
         return old - new if self.op == ">=" else new - old
+
+    @property
+    def scale(self) -> float:
+        """Metric units per share: SAN/N is in %, every other rate a share (AUC: itself)."""
+        return 100.0 if self.kind == "san_rate" else 1.0
+
+    def bounds(self, evidence: Mapping[str, Any], confidence: float, method: str) -> tuple[float, float]:
+        """One-sided ``(lower, upper)`` confidence bounds of the metric at ``confidence``, in the
+        metric's units: from ``k`` of ``n`` (rates, by ``method``) or from DeLong's ``se`` (AUC).
+
+        Raises:
+            DataError: the evidence has neither (an evaluation written before intervals existed).
+        """
+        if self.kind == "clean_auc":
+            se, point = evidence.get("se"), evidence.get("point")
+            if se is None or point is None:
+                raise DataError(f"{self.name}: the evaluation recorded no DeLong standard error; re-run it")
+            z = float(z_value(confidence, "lower"))
+            return max(0.0, float(point) - z * float(se)), min(1.0, float(point) + z * float(se))
+        k, n = evidence.get("k"), evidence.get("n")
+        if k is None or n is None:
+            raise DataError(f"{self.name}: the evaluation recorded no sample count (k of n); re-run it")
+        lo = proportion_interval(int(k), int(n), level=confidence, method=method, sided="lower").lower
+        hi = proportion_interval(int(k), int(n), level=confidence, method=method, sided="upper").upper
+        return lo * self.scale, hi * self.scale
+
+    def decide(self, lower: float, upper: float) -> str:
+        """``pass`` when the whole one-sided bound is on the good side of the threshold, ``fail``
+        when it is wholly on the bad side, ``inconclusive`` otherwise."""
+        if self.op == ">=":
+            return "pass" if lower >= self.threshold else "fail" if upper < self.threshold else "inconclusive"
+        return "pass" if upper <= self.threshold else "fail" if lower > self.threshold else "inconclusive"
 
 
 @dataclass(frozen=True)
@@ -69,6 +117,10 @@ class GateSettings:
     max_clean_auc_drop: float
     regression: dict[str, float]
     model_name: str
+    confidence: float = 0.95  # one-sided confidence of every bound the gate decides on
+    method: str = "clopper-pearson"  # rates' bounds: clopper-pearson | wilson
+    power: float = 0.8  # planner: chance to decide a model `margin` better than the threshold
+    margin: Mapping[str, float] = field(default_factory=dict)  # planner: per criterion kind
 
     def criterion(self, name: str) -> Criterion:
         for c in self.criteria:
@@ -125,53 +177,132 @@ def gate_settings(params: Mapping[str, Any], job: str) -> GateSettings:
         criteria=criteria, primary=primary,
         min_improvement=cfg.champion.min_improvement, max_clean_auc_drop=cfg.champion.max_clean_auc_drop,
         regression={k: float(regression.get(k, 0.0)) for k in KINDS},
-        model_name=name,
+        model_name=name, confidence=cfg.confidence, method=cfg.method, power=cfg.plan.power,
+        margin={str(k): float(v) for k, v in cfg.plan.margin.items()},
     )
 
 
-def check(headline: Mapping[str, float], settings: GateSettings) -> dict[str, Any]:
-    """Decide every criterion on one model's headline metrics.
+def _samples_to_decide(c: Criterion, point: float, evidence: Mapping[str, Any], settings: GateSettings
+                       ) -> int | None:
+    """Samples that would decide an inconclusive criterion if the observed rate were the true one."""
+    if c.kind == "clean_auc":
+        return auc_samples_needed(c.threshold, point, float(evidence.get("se") or 0.0), int(evidence.get("n") or 0),
+                                  confidence=settings.confidence, power=settings.power)
+    rate, t = point / c.scale, c.threshold / c.scale
+    if not (0.0 <= rate <= 1.0 and 0.0 <= t <= 1.0):
+        return None
+    return samples_needed(c.op, t, rate, confidence=settings.confidence, power=settings.power,
+                          method=settings.method)
 
-    Returns ``{"passed", "failed": [names], "criteria": {name: {metric, description, op,
-    threshold, value, passed}}, "primary": {criterion, metric, value}}``; ``value`` is None when
-    the evaluation did not measure the metric (which fails the criterion).
+
+def decide_criterion(c: Criterion, value: float | None, evidence: Mapping[str, Any] | None,
+                     settings: GateSettings) -> dict[str, Any]:
+    """One criterion's gate row: point, one-sided bounds, k, n, decision (and for an inconclusive
+    one the samples that would decide it at the observed rate).
+
+    A metric the evaluation did not measure fails; so does a rate without its sample count (the
+    gate never decides on a number whose uncertainty it cannot state). ``sanity`` is pass/fail.
+    """
+    row: dict[str, Any] = {"metric": c.metric, "description": c.description, "op": c.op, "threshold": c.threshold,
+                           "value": value, "kind": c.kind, "lower": None, "upper": None, "k": None, "n": None,
+                           "confidence": settings.confidence, "method": None, "samples_to_decide": None}
+    if value is None or not math.isfinite(value):
+        return {**row, "decision": "fail", "passed": False, "note": "not measured"}
+    if c.kind == "sanity":
+        ok = c.passes(value)
+        return {**row, "decision": "pass" if ok else "fail", "passed": ok, "note": None}
+    ev = dict(evidence or {})
+    try:
+        lower, upper = c.bounds(ev, settings.confidence, settings.method)
+    except DataError as exc:
+        return {**row, "decision": "fail", "passed": False, "note": str(exc)}
+    decision = c.decide(lower, upper)
+    row.update(lower=lower, upper=upper, k=ev.get("k"), n=ev.get("n"),
+               method="delong" if c.kind == "clean_auc" else settings.method)
+    if decision == "inconclusive":
+        row["samples_to_decide"] = _samples_to_decide(c, value, ev, settings)
+    return {**row, "decision": decision, "passed": decision == "pass", "note": None}
+
+
+def check(headline: Mapping[str, float], settings: GateSettings,
+          evidence: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, Any]:
+    """Decide every criterion on one model's headline metrics and their evidence (the evaluation's
+    ``intervals``: ``{metric: {point, k, n, se, ...}}``).
+
+    Returns ``{"verdict": pass|fail|inconclusive, "passed", "failed": [names], "inconclusive":
+    [names], "criteria": {name: row}, "primary": {criterion, metric, value}, "confidence",
+    "method"}`` (rows from :func:`decide_criterion`). The verdict is ``fail`` when any criterion
+    fails, else ``inconclusive`` when any is, else ``pass``; ``passed`` is ``verdict == "pass"``.
     """
     rows: dict[str, Any] = {}
     for c in settings.criteria:
         raw = headline.get(c.metric)
         value = float(raw) if raw is not None else None
-        rows[c.name] = {"metric": c.metric, "description": c.description, "op": c.op, "threshold": c.threshold,
-                        "value": value, "passed": c.passes(value), "kind": c.kind}
-    failed = [n for n, r in rows.items() if not r["passed"]]
+        rows[c.name] = decide_criterion(c, value, (evidence or {}).get(c.metric), settings)
+    failed = [n for n, r in rows.items() if r["decision"] == "fail"]
+    open_ = [n for n, r in rows.items() if r["decision"] == "inconclusive"]
+    verdict = "fail" if failed else "inconclusive" if open_ else "pass"
     p = rows[settings.primary]
-    return {"passed": not failed, "failed": failed, "criteria": rows,
+    return {"verdict": verdict, "passed": verdict == "pass", "failed": failed, "inconclusive": open_,
+            "criteria": rows, "confidence": settings.confidence, "method": settings.method,
             "primary": {"criterion": settings.primary, "metric": p["metric"], "value": p["value"]}}
 
 
+def _fmt_value(r: Mapping[str, Any]) -> str:
+    return "not measured" if r["value"] is None else f"{r['value']:.4g}"
+
+
+def _fmt_n(r: Mapping[str, Any]) -> str:
+    if r.get("n") is None:
+        return ""
+    return f"{r['k']}/{r['n']}" if r.get("k") is not None else f"n={r['n']}"
+
+
 def reasons(verdict: Mapping[str, Any]) -> str:
-    """One line naming every failed criterion with its value and threshold."""
+    """One line naming every failed and inconclusive criterion with its value, bound and threshold."""
     parts = []
-    for name in verdict["failed"]:
+    for name in [*verdict["failed"], *verdict.get("inconclusive", [])]:
         r = verdict["criteria"][name]
-        value = "not measured" if r["value"] is None else f"{r['value']:.4g}"
-        parts.append(f"{name} = {value} (needs {r['op']} {r['threshold']:g})")
+        what = r.get("decision", "fail")
+        bound = f", {int(100 * r['confidence'])} % bound {bound_text(r)}" if r.get("lower") is not None else ""
+        n = f" on {_fmt_n(r)}" if r.get("n") is not None else ""
+        more = f"; ~{r['samples_to_decide']} samples would decide it" if r.get("samples_to_decide") else ""
+        note = f" ({r['note']})" if r.get("note") and r["note"] != "not measured" else ""
+        parts.append(f"{name} {what}: {_fmt_value(r)}{n}{bound} (needs {r['op']} {r['threshold']:g}){more}{note}")
     return "; ".join(parts) or "all criteria passed"
 
 
+#: A verdict as a word (tags, messages): ``passed`` / ``failed`` / ``inconclusive``.
+VERDICT_WORD = {"pass": "passed", "fail": "failed", "inconclusive": "inconclusive"}
+DECISION_MD = {"pass": "pass", "fail": "**FAIL**", "inconclusive": "*inconclusive*"}
+VERDICT_MD = {"pass": "**PASSED**", "fail": "**FAILED**", "inconclusive": "**INCONCLUSIVE**"}
+
+
 def gate_markdown(gated: Mapping[str, Mapping[str, Any]]) -> str:
-    """The gate table (markdown): one row per criterion and model."""
-    lines = ["| job | model | criterion | value | threshold | verdict |", "|---|---|---|---|---|---|"]
+    """The gate table (markdown): one row per criterion and model, with the point value, the
+    one-sided bound the decision rests on, k/n and the decision."""
+    lines = ["| job | model | criterion | value | bound | k/n | threshold | decision |",
+             "|---|---|---|---|---|---|---|---|"]
     for variant, entries in gated.items():
         for job, rec in entries.items():
             for name, r in rec["criteria"].items():
-                value = "not measured" if r["value"] is None else f"{r['value']:.4g}"
-                lines.append(f"| {job} | {variant} | {r['description']} (`{name}`) | {value} | {r['op']} "
-                             f"{r['threshold']:g} | {'pass' if r['passed'] else '**FAIL**'} |")
-            lines.append(f"| {job} | {variant} | **gate** | | | {'**PASSED**' if rec['passed'] else '**FAILED**'} |")
+                extra = f" (~{r['samples_to_decide']} samples decide it)" if r.get("samples_to_decide") else ""
+                lines.append(f"| {job} | {variant} | {r['description']} (`{name}`) | {_fmt_value(r)} | "
+                             f"{bound_text(r)} | {_fmt_n(r)} | {r['op']} {r['threshold']:g} | "
+                             f"{DECISION_MD[r.get('decision', 'pass' if r['passed'] else 'fail')]}{extra} |")
+            conf = rec.get("confidence")
+            bounds = f" ({int(100 * conf)} % one-sided bounds)" if conf else ""
+            lines.append(f"| {job} | {variant} | **gate**{bounds}"
+                         + f" | | | | | {VERDICT_MD[verdict_of(rec)]} |")
     return "\n".join(lines)
 
 
+def verdict_of(rec: Mapping[str, Any]) -> str:
+    """A gate record's verdict (records written before the tri-state gate: pass/fail)."""
+    return str(rec.get("verdict") or ("pass" if rec["passed"] else "fail"))
+
+
 def failures(gated: Mapping[str, Mapping[str, Any]]) -> list[str]:
-    """``"job (variant): reasons"`` for every gated model that failed."""
-    return [f"{job} ({variant}): {reasons(rec)}" for variant, entries in gated.items()
+    """``"job (variant) verdict: reasons"`` for every gated model that did not pass."""
+    return [f"{job} ({variant}) {verdict_of(rec)}: {reasons(rec)}" for variant, entries in gated.items()
             for job, rec in entries.items() if not rec["passed"]]

@@ -25,6 +25,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from ctharden.core.io import atomic_write_text
+from ctharden.evaluation.headline import clean_metric_name, pgd_accuracy_name, san_rate_name
 from ctharden.evaluation.trends import trend_lines
 from ctharden.reporting.plots import csv_text, save_png
 
@@ -34,6 +35,29 @@ _STYLE = {"train": "--", "test": "-"}
 
 def _levels(block: Mapping[str, Any]) -> list[dict[str, Any]]:
     return sorted(block["levels"].values(), key=lambda lv: lv["mas"])
+
+
+def _iv(result: Mapping[str, Any], metric: str) -> Mapping[str, Any] | None:
+    """The interval entry of ``metric`` (:mod:`ctharden.evaluation.evidence`), None if absent."""
+    entry: Mapping[str, Any] | None = (result.get("intervals") or {}).get(metric)
+    return entry
+
+
+def ci_text(entry: Mapping[str, Any] | None, digits: int = 3) -> str:
+    """``" [lo, hi]"`` of an interval entry (empty when there is none)."""
+    if not entry or entry.get("lower") is None:
+        return ""
+    return f" [{entry['lower']:.{digits}f}, {entry['upper']:.{digits}f}]"
+
+
+def _yerr(points: Sequence[float], entries: Sequence[Mapping[str, Any] | None]) -> np.ndarray | None:
+    """Asymmetric error bars ``(2, n)`` from interval entries (None when any is missing)."""
+    if not entries or any(e is None or e.get("lower") is None for e in entries):
+        return None
+    lo = [p - e["lower"] for p, e in zip(points, entries, strict=True)]  # type: ignore[index]
+    hi = [e["upper"] - p for p, e in zip(points, entries, strict=True)]  # type: ignore[index]
+    bars: np.ndarray = np.clip(np.asarray([lo, hi], dtype=float), 0.0, None)
+    return bars
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -76,7 +100,7 @@ def write_plot_data(result: Mapping[str, Any], out_dir: Path) -> list[Path]:
 
 def plot_san_vs_mas(results: Mapping[str, Mapping[str, Any]], path: Path) -> Path:
     """SAN/N (%) against mAs (log axis), random and optimised, train and test; error bars = std
-    over fold models when there are several."""
+    over fold models when there are several, else the rate's confidence interval."""
     fig = Figure(figsize=(6.4 * len(results), 4.2), dpi=110, layout="constrained")
     axes = fig.subplots(1, len(results), squeeze=False)[0]
     for ax, (name, res) in zip(axes, results.items(), strict=True):
@@ -89,8 +113,10 @@ def plot_san_vs_mas(results: Mapping[str, Mapping[str, Any]], path: Path) -> Pat
                                 ls=_STYLE.get(split, "-"), marker="o" if short == "random" else "s", capsize=3,
                                 label=f"{short} {split} (mean ± std, {block['n_models']} models)")
                 else:
-                    ax.plot(m, [v["san_rate"] for v in lv], ls=_STYLE.get(split, "-"),
-                            marker="o" if short == "random" else "s", label=f"{short} {split} (N={block['n']})")
+                    pts = [v["san_rate"] for v in lv]
+                    ax.errorbar(m, pts, yerr=_yerr(pts, [_iv(res, san_rate_name(short, split, v["mas"])) for v in lv]),
+                                ls=_STYLE.get(split, "-"), marker="o" if short == "random" else "s", capsize=3,
+                                label=f"{short} {split} (N={block['n']}, 95 % CI)")
         ax.set_xscale("log")
         ax.set_xlabel("tube current-time product (mAs)")
         ax.set_ylabel("SAN / N (%)")
@@ -123,7 +149,8 @@ def plot_sar_curves(result: Mapping[str, Any], path: Path, title: str = "") -> P
 
 
 def plot_robust_accuracy(results: Mapping[str, Mapping[str, Any]], path: Path) -> Path:
-    """Robust accuracy under 100-PGD against ε, one panel per norm, one line per model."""
+    """Robust accuracy under 100-PGD against ε, one panel per norm, one line per model, with the
+    confidence interval of each point as error bars."""
     norms = sorted({n for r in results.values() for n in r["pgd"]}, key=lambda n: n != "linf")
     fig = Figure(figsize=(5.2 * max(len(norms), 1), 3.8), dpi=110, layout="constrained")
     axes = fig.subplots(1, max(len(norms), 1), squeeze=False)[0]
@@ -132,7 +159,9 @@ def plot_robust_accuracy(results: Mapping[str, Mapping[str, Any]], path: Path) -
             c = res["pgd"].get(norm)
             if c is None:
                 continue
-            ax.plot(c["eps"], c["accuracy"], marker="o", label=f"{name} (area {c['auc']:.3f}, N={c['n']})")
+            ax.errorbar(c["eps"], c["accuracy"], capsize=3, marker="o",
+                        yerr=_yerr(c["accuracy"], [_iv(res, pgd_accuracy_name(norm, e)) for e in c["eps"]]),
+                        label=f"{name} (area {c['auc']:.3f}, N={c['n']}, 95 % CI)")
         ax.set_xlabel(f"ε ({'L∞' if norm == 'linf' else 'L2'}, model-input units)")
         ax.set_ylabel("robust accuracy")
         ax.set_ylim(-0.02, 1.02)
@@ -200,32 +229,53 @@ def _img(path: Path | None) -> str:
     return f'<img alt="{html.escape(Path(path).name)}" src="data:image/png;base64,{data}">'
 
 
-def _pct(lv: Mapping[str, Any], n_models: int) -> str:
+def _pct(lv: Mapping[str, Any], n_models: int, entry: Mapping[str, Any] | None = None) -> str:
+    """A Table-2 cell: the selected model's SAN/N with its interval, and over several fold models
+    also their mean ± std."""
+    cell = f"{lv['san_rate']:.1f}{ci_text(entry, 1)}"
     if n_models > 1:
-        return f"{lv['san_rate_mean']:.1f} ± {lv['san_rate_std']:.1f}"
-    return f"{lv['san_rate']:.1f}"
+        cell += f" (folds {lv['san_rate_mean']:.1f} ± {lv['san_rate_std']:.1f})"
+    return cell
 
 
 def table2_rows(result: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
-    """Table 2 of shen 2020: SAN/N (%) per attack, split and mAs."""
+    """Table 2 of shen 2020: SAN/N (%) per attack, split and mAs, with ``[lo, hi]`` (the selected
+    model's interval; over fold models also their mean ± std)."""
     mas = [lv["mas"] for lv in _levels(next(iter(result["random_nps"].values())))]
     header = ["attack", "split", "N", "K", *[f"{m:g} mAs" for m in mas]]
     rows = []
     for key, short in ATTACKS:
         for split, block in result[key].items():
             lv = _levels(block)
-            rows.append([short, split, str(block["n"]), str(block["k"]), *[_pct(v, block["n_models"]) for v in lv]])
+            rows.append([short, split, str(block["n"]), str(block["k"]),
+                         *[_pct(v, block["n_models"], _iv(result, san_rate_name(short, split, v["mas"]))) for v in lv]])
+    return header, rows
+
+
+def clean_rows(result: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """Clean AUC (DeLong interval), accuracy, sensitivity, specificity (exact intervals) per split."""
+    header = ["split", "AUC", "accuracy", "sensitivity", "specificity", "N"]
+    rows = []
+    for split, m in result["clean"].items():
+        cells = [f"{m['auc']:.3f}{ci_text(m.get('auc_delong'))}" if m.get("auc") is not None else "n/a"]
+        for k in ("accuracy", "sensitivity", "specificity"):
+            iv = _iv(result, clean_metric_name(split, k))
+            cells.append("n/a" if m.get(k) is None else f"{m[k]:.3f}{ci_text(iv)}")
+        rows.append([split, *cells, str(m.get("n", ""))])
     return header, rows
 
 
 def pgd_rows(result: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
     """Robust accuracy at each ε (model-input units and HU), per norm."""
-    header = ["norm", "ε", "ε (HU)", "robust accuracy", "N"]
+    header = ["norm", "ε", "ε (HU)", "robust accuracy [95 % CI]", "survived / N"]
     rows = []
     for norm, c in result["pgd"].items():
         hu = c.get("eps_hu") or [None] * len(c["eps"])
-        for e, h, a in zip(c["eps"], hu, c["accuracy"], strict=True):
-            rows.append([norm, f"{e:g}", "" if h is None else f"{h:.3g}", f"{a:.3f}", str(c["n"])])
+        survived = c.get("survived") or [None] * len(c["eps"])
+        for e, h, a, k in zip(c["eps"], hu, c["accuracy"], survived, strict=True):
+            rows.append([norm, f"{e:g}", "" if h is None else f"{h:.3g}",
+                         f"{a:.3f}{ci_text(_iv(result, pgd_accuracy_name(norm, e)))}",
+                         f"{k}/{c['n']}" if k is not None else str(c["n"])])
         rows.append([norm, "area", "", f"{c['auc']:.3f}", ""])
     return header, rows
 
@@ -253,28 +303,65 @@ def comparison_tables(baseline: Mapping[str, Any], hardened: Mapping[str, Any], 
         header = ["model", "AUC", *[f"random {m:g}" for m in mas], *[f"optimised {m:g}" for m in mas]]
         rows = []
         for name, res in rows_of:
-            auc = res["clean"].get(split, {}).get("auc")
+            m = res["clean"].get(split, {})
+            auc = m.get("auc")
             cells = [
-                f"{lv['san_rate']:.1f}" for key in ("random_nps", "optimized_nps") for lv in _levels(res[key][split])
+                f"{lv['san_rate']:.1f}{ci_text(_iv(res, san_rate_name(short, split, lv['mas'])), 1)}"
+                for key, short in ATTACKS for lv in _levels(res[key][split])
             ]
-            rows.append([name, "n/a" if auc is None else f"{auc:.3f}", *cells])
+            rows.append([name, "n/a" if auc is None else f"{auc:.3f}{ci_text(m.get('auc_delong'))}", *cells])
         out.append((f"{split}: AUC and SAN/N (%) per mAs (Tables 4-5 style)", header, rows))
     for norm, c in hardened["pgd"].items():
         b = baseline["pgd"].get(norm)
         if b is None or b["eps"] != c["eps"]:
             continue
         header = ["model", *[f"ε {e:g}" for e in c["eps"]], "area"]
-        rows = [[name, *[f"{a:.3f}" for a in res["pgd"][norm]["accuracy"]], f"{res['pgd'][norm]['auc']:.3f}"]
-                for name, res in rows_of]
+        rows = [[name, *[f"{a:.3f}{ci_text(_iv(res, pgd_accuracy_name(norm, e)))}"
+                         for e, a in zip(res["pgd"][norm]["eps"], res["pgd"][norm]["accuracy"], strict=True)],
+                 f"{res['pgd'][norm]['auc']:.3f}"] for name, res in rows_of]
         out.append((f"100-PGD robust accuracy, {norm} (N = {c['n']})", header, rows))
     return out
+
+
+VERDICT_TEXT = {"pass": "PASS", "fail": "FAIL", "inconclusive": "INCONCLUSIVE"}
+
+
+def bound_text(r: Mapping[str, Any]) -> str:
+    """The one-sided bound(s) a gate decision rests on (a gate row): a pass of ``>=`` rests on the
+    lower bound (``≥ lo``), its fail on the upper one (``≤ hi``), ``<=`` mirrors; an inconclusive
+    row shows both (``lo – hi``)."""
+    if r.get("lower") is None:
+        return ""
+    decision = r.get("decision") or ("pass" if r.get("passed") else "fail")
+    if decision == "inconclusive":
+        return f"{r['lower']:.4g} – {r['upper']:.4g}"
+    low_side = (r["op"] == ">=") == (decision == "pass")
+    return f"≥ {r['lower']:.4g}" if low_side else f"≤ {r['upper']:.4g}"
+
+
+def verdict_rows(rec: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """A gate record (:func:`ctharden.gate.criteria.check`) as a table: per criterion the point
+    value, the one-sided bound the decision rests on, k/n, the threshold, the decision and, for an
+    inconclusive one, the samples that would decide it."""
+    conf = rec.get("confidence")
+    header = ["criterion", "value", f"{int(100 * conf)} % bound" if conf else "bound", "k / n", "threshold",
+              "decision", "to decide"]
+    rows = []
+    for name, r in rec["criteria"].items():
+        value = "not measured" if r["value"] is None else f"{r['value']:.4g}"
+        kn = "" if r.get("n") is None else (f"{r['k']}/{r['n']}" if r.get("k") is not None else f"n={r['n']}")
+        decision = r.get("decision") or ("pass" if r["passed"] else "fail")
+        todo = f"~{r['samples_to_decide']} samples" if r.get("samples_to_decide") else ""
+        rows.append([f"{r['description']} ({name})", value, bound_text(r), kn, f"{r['op']} {r['threshold']:g}",
+                     VERDICT_TEXT[decision], todo])
+    return header, rows
 
 
 def _html_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
     body = "".join(
         "<tr>" + "".join(
-            f'<td class="{"fail" if v == "FAIL" else ""}">{html.escape(str(v))}</td>' for v in r
+            f'<td class="{_CELL_CLASS.get(str(v), "")}">{html.escape(str(v))}</td>' for v in r
         ) + "</tr>" for r in rows
     )
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
@@ -287,11 +374,15 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines)
 
 
+_VERDICT_CLASS = {"pass": "pass", "fail": "failv", "inconclusive": "openv"}
+_CELL_CLASS = {"FAIL": "fail", "INCONCLUSIVE": "open", "PASS": "ok"}
 _CSS = """
 body{font-family:system-ui,sans-serif;margin:2em;max-width:1400px;color:#222}
 table{border-collapse:collapse;margin:0.5em 0 1.5em}th,td{border:1px solid #ccc;padding:3px 8px;font-size:13px}
-th{background:#f0f0f0}td.fail{background:#fdd;font-weight:bold}img{max-width:100%;margin:0.5em 0}
-.pass{color:#070;font-weight:bold}.failv{color:#b00;font-weight:bold}code{background:#f5f5f5;padding:1px 3px}
+th{background:#f0f0f0}td.fail{background:#fdd;font-weight:bold}td.open{background:#ffefc2;font-weight:bold}
+td.ok{background:#dfd}img{max-width:100%;margin:0.5em 0}.verdict{font-size:1.3em}
+.pass{color:#070;font-weight:bold}.failv{color:#b00;font-weight:bold}.openv{color:#a60;font-weight:bold}
+code{background:#f5f5f5;padding:1px 3px}
 """
 
 
@@ -302,13 +393,23 @@ def render_html(
     title: str = "ctharden robustness report",
     notes: Sequence[str] = (),
     comparisons: Mapping[str, Sequence[tuple[str, list[str], list[list[str]]]]] | None = None,
+    verdicts: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> str:
-    """The report page: per model the clean metrics, Table 2 (SAN/N %), the PGD table, the sanity
-    verdicts and the figures; ``figures[name]`` maps a figure key to its PNG; ``figures['']`` holds
-    figures shared by all models. ``comparisons[name]``: titled tables shown first for that model
-    (baseline vs hardened)."""
+    """The report page. First screen: per model its gate verdict (``verdicts[name]``, a gate record)
+    with every criterion's point, bound and threshold. Then per model the clean metrics, Table 2
+    (SAN/N %), the PGD table, the sanity verdicts and the figures, every rate with its interval;
+    ``figures[name]`` maps a figure key to its PNG; ``figures['']`` holds figures shared by all
+    models. ``comparisons[name]``: titled tables shown first for that model (baseline vs hardened)."""
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
              f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>"]
+    for name, rec in (verdicts or {}).items():
+        verdict = str(rec.get("verdict") or ("pass" if rec["passed"] else "fail"))
+        parts.append(f"<h2>{html.escape(name)}: <span class='verdict {_VERDICT_CLASS[verdict]}'>"
+                     f"{VERDICT_TEXT[verdict]}</span></h2>" + _html_table(*verdict_rows(rec)))
+    if verdicts:
+        parts.append("<p>Each criterion is decided on a one-sided confidence bound (exact binomial for "
+                     "rates, DeLong for the AUC): pass when the bound clears the threshold, fail when "
+                     "the opposite bound misses it, inconclusive otherwise; only a pass registers.</p>")
     for note in notes:
         parts.append(f"<p>{html.escape(note)}</p>")
     shared = figures.get("", {})
@@ -327,11 +428,7 @@ def render_html(
                      f"{res['seconds']['total']:.0f} s.</p>")
         for caption, header, rows in (comparisons or {}).get(name, []):
             parts.append(f"<h3>{html.escape(caption)}</h3>" + _html_table(header, rows))
-        clean_rows = [[split, *(f"{m[k]:.3f}" if m.get(k) is not None else "n/a"
-                                for k in ("auc", "accuracy", "sensitivity", "specificity")), str(m.get("n", ""))]
-                      for split, m in res["clean"].items()]
-        parts.append("<h3>Clean metrics</h3>" + _html_table(
-            ["split", "AUC", "accuracy", "sensitivity", "specificity", "N"], clean_rows))
+        parts.append("<h3>Clean metrics [95 % CI]</h3>" + _html_table(*clean_rows(res)))
         parts.append("<h3>NPS attacks: SAN/N (%) (shen 2020, Table 2)</h3>" + _html_table(*table2_rows(res)))
         parts.append(
             "<p>A sample counts as attacked when any of the K perturbations changes its fp32 predicted "
@@ -361,17 +458,24 @@ def _pretty(obj: Any) -> str:
 
 def summary_markdown(results: Mapping[str, Mapping[str, Any]], report_path: str | Path,
                      comparisons: Mapping[str, Sequence[tuple[str, list[str], list[list[str]]]]] | None = None,
-                     title: str = "Robustness evaluation") -> str:
-    """Markdown summary (Prefect artifact, CI summary): Table 2 and PGD per model, sanity verdicts,
-    and the baseline-vs-hardened tables when given."""
+                     title: str = "Robustness evaluation",
+                     verdicts: Mapping[str, Mapping[str, Any]] | None = None) -> str:
+    """Markdown summary (Prefect artifact, CI summary): the gate verdicts first (when given), then
+    per model the clean metrics, Table 2 and PGD with intervals, sanity verdicts, and the
+    baseline-vs-hardened tables when given."""
     out = [f"# {title}", "", f"Full report: `{report_path}`", ""]
+    for name, rec in (verdicts or {}).items():
+        verdict = str(rec.get("verdict") or ("pass" if rec["passed"] else "fail"))
+        out += [f"## {name}: {VERDICT_TEXT[verdict]}", "", markdown_table(*verdict_rows(rec)), ""]
     for name, res in results.items():
         test = res["clean"].get("test", {})
         auc = test.get("auc")
         failed = ", ".join(f"{n}: {', '.join(s['flags'])}" for n, s in res["sanity"].items() if not s["passed"])
         verdict = "pass" if res["sanity_passed"] else f"FAIL ({failed})"
         auc_txt = f"{auc:.3f}" if auc is not None else "n/a"
-        out += [f"## {name}", "", f"clean test AUC {auc_txt}; sanity checks {verdict}", ""]
+        auc_txt += ci_text(test.get("auc_delong"))
+        out += [f"## {name}", "", f"clean test AUC {auc_txt}; sanity checks {verdict}", "",
+                markdown_table(*clean_rows(res)), ""]
         for caption, header, rows in (comparisons or {}).get(name, []):
             out += [f"**{caption}**", "", markdown_table(header, rows), ""]
         out += [markdown_table(*table2_rows(res)), ""]
@@ -390,7 +494,11 @@ __all__ = [
     "plot_san_vs_mas",
     "plot_sar_curves",
     "render_html",
+    "verdict_rows",
+    "bound_text",
     "sanity_rows",
+    "clean_rows",
+    "ci_text",
     "summary_markdown",
     "table2_rows",
     "write_plot_data",

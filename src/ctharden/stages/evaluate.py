@@ -7,7 +7,10 @@ What ``ctharden stage evaluate`` / ``ctharden evaluate`` / the flow's evaluate t
 For each job: load its selected model (and the other fold models when ``models: folds``) from
 ``artifacts/models/<job>``, refuse a dataset whose validation record does not match it, run
 :func:`~ctharden.evaluation.robustness.evaluate_robustness`, write the job's DVC plot data and
-figures, and log metrics and files to the job's MLflow training run. Then, for all jobs together:
+figures and its per-sample outcomes (``reports/robustness/<job>/outcomes.json``: which test samples each
+attack broke, by sample id, for paired comparisons), and log metrics and files to the job's MLflow
+training run. Every rate in the metrics carries its interval (``<job>.intervals``,
+:mod:`ctharden.evaluation.evidence`). Then, for all jobs together:
 ``metrics/robustness.json`` (DVC metrics), ``reports/robustness/index.html`` (the report),
 ``reports/robustness/summary.md`` (what the Prefect artifact and CI show) and the shared figures.
 Every file is written atomically; ``metrics/robustness.json`` last, so a failed run leaves the
@@ -34,15 +37,16 @@ import torch
 from ctharden.config.hardening import tune_settings
 from ctharden.config.jobs import job_names
 from ctharden.config.params import section
-from ctharden.config.paths import evaluation_paths, harden_paths
+from ctharden.config.paths import evaluation_paths, harden_paths, outcomes_path
 from ctharden.config.robustness import RobustnessSettings, job_settings
 from ctharden.core.errors import DataError
-from ctharden.core.io import atomic_write_json, atomic_write_text, load_json
+from ctharden.core.io import atomic_write_json, atomic_write_text, load_json, sha256_file
 from ctharden.data.arrays import ArraySet, load_arrayset
 from ctharden.evaluation.attention import save_attention_figure
 from ctharden.evaluation.headline import headline_metrics
 from ctharden.evaluation.trends import hardening_trends, nps_trends
 from ctharden.evaluation.units import evaluate_robustness, model_set
+from ctharden.gate.criteria import check, gate_settings
 from ctharden.models import CTClassifier
 from ctharden.noise.config import noise_model
 from ctharden.reporting.report import (
@@ -55,7 +59,7 @@ from ctharden.reporting.report import (
     summary_markdown,
     write_plot_data,
 )
-from ctharden.stages.inputs import load_job_models, trained_dataset
+from ctharden.stages.inputs import evaluation_settings, load_job_models, trained_dataset
 from ctharden.stages.result import EvaluateResult
 from ctharden.tracking.runs import configure, tracking_from_params
 
@@ -93,7 +97,7 @@ def prepare_job(params: dict[str, Any], job: str, variant: str = "baseline") -> 
     model, fold_models, summary = load_job_models(params, job, variant)
     name, ds_dir, _ = trained_dataset(params, job, summary)
     data = load_arrayset(ds_dir, model)
-    settings: RobustnessSettings = job_settings(params, job).for_width(int(data.raw.shape[-1]))
+    settings = evaluation_settings(params, job, int(data.raw.shape[-1]))
     if variant == "hardened":  # one hardened model (of the selected fold): compare with the baseline's selected model
         settings = dataclasses.replace(settings, models="selected")
     return EvalJob(job, variant, name, ds_dir, model, fold_models, summary, data, settings,
@@ -171,10 +175,12 @@ def log_to_mlflow(params: dict[str, Any], result: dict[str, Any], files: Sequenc
 
 def write_report(rep: Path, results: dict[str, dict[str, Any]],
                  job_figures: dict[str, dict[str, Path | None]], profile: str | None = None,
-                 baselines: dict[str, dict[str, Any]] | None = None) -> dict[str, Path]:
+                 baselines: dict[str, dict[str, Any]] | None = None,
+                 verdicts: dict[str, dict[str, Any]] | None = None) -> dict[str, Path]:
     """Shared figures, the HTML report (``rep/index.html``) and the markdown summary for all
     evaluated models (``results`` and ``job_figures`` keyed by the same names). With ``baselines``
-    (hardened models), every model also gets the baseline-vs-hardened tables."""
+    (hardened models), every model also gets the baseline-vs-hardened tables; ``verdicts`` (gate
+    records, :func:`ctharden.gate.criteria.check`) open the report."""
 
     shared = {
         "SAN/N vs mAs": plot_san_vs_mas(results, rep / "san_vs_mas.png"),
@@ -197,10 +203,11 @@ def write_report(rep: Path, results: dict[str, dict[str, Any]],
             comparisons[name] = comparison_tables(baselines[name], res, f"hardened ({h['method']}{eps})")
     title = "ctharden robustness report" + (": baseline vs hardened" if baselines else "")
     html_path = atomic_write_text(rep / "index.html", render_html(results, {"": shared, **job_figures}, notes=notes,
-                                                                   comparisons=comparisons, title=title))
+                                                                   comparisons=comparisons, title=title,
+                                                                   verdicts=verdicts))
     md_path = atomic_write_text(rep / "summary.md", summary_markdown(
         results, html_path, comparisons,
-        title="Robustness: baseline vs hardened" if baselines else "Robustness evaluation"))
+        title="Robustness: baseline vs hardened" if baselines else "Robustness evaluation", verdicts=verdicts))
     return {"html": html_path, "summary": md_path, **{k: v for k, v in shared.items() if v is not None}}
 
 
@@ -237,6 +244,7 @@ def write_evaluation(params: dict[str, Any], evaluated: dict[str, tuple[dict[str
     results: dict[str, dict[str, Any]] = {}
     figures: dict[str, dict[str, Path | None]] = {}
     headlines: dict[str, dict[str, float]] = {}
+    outcome_files: dict[str, Path] = {}
     for job, (result, visuals, model) in evaluated.items():
         figures[job] = write_job_figures(result, visuals, model, paths["plots"] / job, paths["reports"] / job)
         if variant == "hardened":
@@ -246,6 +254,9 @@ def write_evaluation(params: dict[str, Any], evaluated: dict[str, tuple[dict[str
                                ("IMA margin distribution per epoch (ma 2020, Fig. 9)", "ima_margins.png")):
                 if (reps / fname).is_file():
                     figures[job][key] = reps / fname
+        outcome_files[job] = atomic_write_json(outcomes_path(params, variant, job), {
+            "job": job, "variant": variant, "dataset_hash": result["dataset_hash"],
+            "model_sha256": sha256_file(result["model"]["file"]), **result.pop("outcomes", {})})
         headline, mas = headline_metrics(result), result["settings"]["mas_levels"]
         headlines[job] = headline
         result["trends"] = nps_trends(headline, mas, result["settings"]["splits"])
@@ -253,10 +264,11 @@ def write_evaluation(params: dict[str, Any], evaluated: dict[str, tuple[dict[str
             result["trends"].update(hardening_trends(baselines[job]["headline"], headline, mas,
                                                      tune_settings(params, job).max_auc_drop))
         results[job] = result
-    report = write_report(paths["reports"], results, figures, params.get("profile"), baselines)
+    verdicts = {job: check(headlines[job], gate_settings(params, job), r["intervals"]) for job, r in results.items()}
+    report = write_report(paths["reports"], results, figures, params.get("profile"), baselines, verdicts)
     if log_mlflow:
         for job, result in results.items():
-            files = [report["html"], report["summary"], *figures[job].values()]
+            files = [report["html"], report["summary"], outcome_files[job], *figures[job].values()]
             result["mlflow_run_id"] = log_to_mlflow(params, result, files)
     metrics = {job: {"headline": headlines[job], **r} for job, r in results.items()}
     if jobs and paths["metrics"].is_file():  # a subset of the jobs: keep the others' last metrics

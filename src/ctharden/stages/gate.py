@@ -54,7 +54,7 @@ def gate_model(params: Mapping[str, Any], job: str, variant: str, result: Mappin
     """The gate's record for one evaluated model: verdict plus what it was measured on."""
 
     settings = gate_settings(params, job)
-    verdict = check(result["headline"], settings)
+    verdict = check(result["headline"], settings, result.get("intervals"))
     model_file = Path(result["model"]["file"])
     if not model_file.is_file():
         raise DataError(f"{job} ({variant}): evaluated model {model_file} no longer exists; re-run the evaluation")

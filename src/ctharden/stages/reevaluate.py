@@ -16,7 +16,7 @@ from ctharden.config.params import section
 from ctharden.config.paths import champion_record_path, dataset_dir, validation_dir
 from ctharden.core.io import atomic_write_json
 from ctharden.evaluation.headline import headline_metrics
-from ctharden.gate.criteria import check, gate_settings, reasons
+from ctharden.gate.criteria import VERDICT_WORD, check, gate_settings, reasons
 from ctharden.stages.evaluate_external import evaluate_model_robustness
 from ctharden.stages.result import StageResult
 from ctharden.tracking.promotion import CHAMPION, TAG, alias_version
@@ -44,10 +44,10 @@ def run(params: Mapping[str, Any], name: str) -> StageResult | None:
         ref, dataset_dir(params, ds), dict(params), validation_dir=validation_dir(params, ds),
         settings_of=job, report_dir=Path(section(params, "paths.reports")) / "champion" / job)
     headline = headline_metrics(result)
-    verdict = check(headline, gate_settings(params, job))
+    verdict = check(headline, gate_settings(params, job), result.get("intervals"))
     when = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     for key, value in {f"{TAG}.reevaluated_at": when,
-                       f"{TAG}.reevaluation_gate": "passed" if verdict["passed"] else "failed",
+                       f"{TAG}.reevaluation_gate": VERDICT_WORD[verdict["verdict"]],
                        f"{TAG}.reevaluation_reasons": reasons(verdict)[:5000],
                        f"{TAG}.reevaluation_dataset_hash": result["dataset_hash"]}.items():
         client.set_model_version_tag(model_name, mv.version, key, value)

@@ -4,8 +4,9 @@
 takes the gate's records from ``metrics/gate.json`` (baseline first, then hardened) and:
 
 - refuses a record that no longer matches what was evaluated (model file hash, headline metrics);
-- for a failed gate registers nothing, tags the model's MLflow run ``ctharden.gate=rejected`` with
-  the reasons and reports them;
+- for a failed or inconclusive gate (:mod:`ctharden.gate.criteria`: decided on confidence bounds)
+  registers nothing, tags the model's MLflow run ``ctharden.gate=rejected`` (failed) or
+  ``ctharden.gate=inconclusive`` with the reasons and reports them;
 - for a passed gate registers (or finds) a version of ``gate.model_name`` from the model's run
   (the pt2 model logged by training/hardening; its run also holds ``model_file/model.pt``), tags it
   (gate verdict, every gated metric, dataset version, git sha, params hash, report links), sets a
@@ -31,7 +32,7 @@ from ctharden.core.errors import DataError
 from ctharden.core.io import load_json, sha256_file
 from ctharden.data.version import data_version
 from ctharden.evaluation.headline import CLEAN_TEST_AUC
-from ctharden.gate.criteria import gate_settings, reasons
+from ctharden.gate.criteria import VERDICT_WORD, gate_settings, reasons, verdict_of
 
 log = logging.getLogger(__name__)
 TAG = "ctharden"
@@ -119,7 +120,12 @@ def _version_tags(params: Mapping[str, Any], record: Mapping[str, Any], result: 
     }
     for name, row in record["criteria"].items():
         verdict = "pass" if row["passed"] else "FAIL"
-        tags[f"{TAG}.gate.{name}"] = f"{_fmt(row['value'])} {row['op']} {row['threshold']:g}: {verdict}"
+        bound = ""
+        if row.get("lower") is not None:
+            b = row["lower"] if row["op"] == ">=" else row["upper"]
+            n = f"{row['k']}/{row['n']}" if row.get("k") is not None else f"n={row['n']}"
+            bound = f" (one-sided {int(100 * row['confidence'])} % bound {b:.4g}, {n})"
+        tags[f"{TAG}.gate.{name}"] = f"{_fmt(row['value'])}{bound} {row['op']} {row['threshold']:g}: {verdict}"
     if record.get("hardening"):
         h = record["hardening"]
         tags[f"{TAG}.hardening"] = f"{h['method']} eps={h.get('eps')} ({h.get('norm')}, {h.get('eps_source')})"
@@ -194,13 +200,15 @@ def register_record(params: Mapping[str, Any], record: Mapping[str, Any], client
         except MlflowException:
             raise DataError(f"{job} ({variant}): MLflow run {run_id} is not in the tracking store "
                             f"{mlflow.get_tracking_uri()}; re-run the stage that produced the model") from None
-    out: dict[str, Any] = {"job": job, "variant": variant, "run_id": run_id, "gate_passed": record["passed"]}
-    if not record["passed"]:
+    verdict = verdict_of(record)
+    out: dict[str, Any] = {"job": job, "variant": variant, "run_id": run_id, "gate_passed": record["passed"],
+                           "verdict": verdict}
+    if not record["passed"]:  # failed or inconclusive: only a pass registers
         why = reasons(record)
         if run_id:
-            client.set_tag(run_id, f"{TAG}.gate", "rejected")
+            client.set_tag(run_id, f"{TAG}.gate", "rejected" if verdict == "fail" else "inconclusive")
             client.set_tag(run_id, f"{TAG}.gate.reasons", why[:5000])
-        return {**out, "status": "rejected", "reason": f"gate failed: {why}"}
+        return {**out, "status": "rejected", "reason": f"gate {VERDICT_WORD[verdict]}: {why}"}
     if not run_id:
         raise DataError(f"{job} ({variant}) passed the gate but has no MLflow run to register from")
     gs = gate_settings(params, job)
@@ -254,7 +262,7 @@ def register_markdown(summary: Mapping[str, Any]) -> str:
                 reg = f"{o['status']}: {o['name']} v{o['version']} ({', '.join(o['aliases']) or 'no alias'})"
                 if o.get("champion_decision"):
                     reg += f"; {o['champion_decision']}"
-            gate = "passed" if o["gate_passed"] else "FAILED"
+            gate = VERDICT_WORD[o.get("verdict") or ("pass" if o["gate_passed"] else "fail")]
             lines.append(f"| {job} | {o['variant']} | {gate} | {reg} | "
                          f"{champ.get('name', '')} v{champ.get('version')} |")
     return "\n".join(lines)
