@@ -9,7 +9,7 @@ import pytest
 from conftest import REPO
 
 from ctharden.config.params import load_params
-from ctharden.core.errors import ConfigError
+from ctharden.core.errors import ConfigError, DataError
 from ctharden.evaluation.intervals import proportion_bounds, proportion_interval
 from ctharden.gate.criteria import check, gate_settings, reasons
 from ctharden.gate.plan import plan_job, planned_cap, planning_rate
@@ -140,3 +140,24 @@ def test_job_plan_rows_and_caps(settings) -> None:  # type: ignore[no-untyped-de
     assert planned_cap(settings, "optimized") == samples_needed("<=", 0.25, 0.15)
     with pytest.raises(ConfigError, match="op"):
         samples_needed("==", 0.5, 0.6)
+
+
+def _outcomes(survivors: list[bool], dataset: str = "d1") -> dict:  # type: ignore[type-arg]
+    ids = [f"s{i}" for i in range(len(survivors))]
+    return {"dataset_hash": dataset, "pgd_linf": {"ids": ids, "broken": {"0.005": [not s for s in survivors]}},
+            "clean": {"ids": ids, "y": [i % 2 for i in range(len(ids))], "score": [0.5] * len(ids)}}
+
+
+def test_paired_regression_is_not_fooled_by_a_few_moved_samples(settings) -> None:  # type: ignore[no-untyped-def]
+    from ctharden.gate.champion import paired_regression
+
+    c = settings.criterion("pgd_linf_acc_eps0.005")
+    base = _outcomes([True] * 31 + [False])  # 31/32
+    head = _outcomes([True] * 28 + [False] * 4)  # 28/32: 0.094 worse, beyond a 0.07 tolerance on points
+    r = paired_regression(head, base, c, alpha=0.05)
+    assert (r["new_only"], r["old_only"], r["n"]) == (0, 3, 32)
+    assert r["p_value"] == pytest.approx(0.125) and not r["regressed"]  # 3 discordant pairs prove nothing
+    worse = _outcomes([True] * 20 + [False] * 12)
+    assert paired_regression(worse, base, c, alpha=0.05)["regressed"]  # 11 lost samples do
+    with pytest.raises(DataError, match="different datasets"):
+        paired_regression(_outcomes([True] * 32, "d2"), base, c, alpha=0.05)

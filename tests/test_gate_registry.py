@@ -263,11 +263,47 @@ def _client(params: dict[str, Any]) -> Any:
     return mlflow.MlflowClient()
 
 
-def _gate_and_register(params: dict[str, Any], variant: str, model: Path, run_id: str, **changes: float
-                       ) -> dict[str, Any]:
+def write_outcomes(params: dict[str, Any], variant: str, model: Path, run_id: str | None, acc: float,
+                   scores: str = "good") -> None:
+    """Per-sample outcomes of a nodule3d evaluation on SAMPLES test samples, written where the
+    evaluation writes them and logged to the model's run: the PGD L∞ survivors at ε 0.005 are the
+    first ``acc × SAMPLES`` samples (a better model survives a superset), clean scores either
+    ``good`` (the same for every model) or ``random`` (AUC about 0.5)."""
+    import mlflow
+    import numpy as np
+
+    from ctharden.config.paths import outcomes_path
+    from ctharden.core.io import sha256_file
+    from ctharden.tracking.runs import OUTCOMES_ARTIFACT
+
+    ids = [f"s{i:03d}" for i in range(SAMPLES)]
+    y = [i % 2 for i in range(SAMPLES)]
+    rng = np.random.default_rng(0 if scores == "good" else 1)
+    score = (0.35 * np.array(y) + 0.65 * rng.random(SAMPLES)) if scores == "good" else rng.random(SAMPLES)
+    k = round(acc * SAMPLES)
+    out = {"job": "nodule3d", "variant": variant, "dataset_hash": fixture(variant)["nodule3d"]["dataset_hash"],
+           "model_sha256": sha256_file(model), "clean": {"ids": ids, "y": y, "score": score.tolist()},
+           "pgd_linf": {"ids": ids, "broken": {"0.005": [i >= k for i in range(SAMPLES)]}}}
+    path = atomic_write_json(outcomes_path(params, variant, "nodule3d"), out)
+    if run_id is not None:
+        with mlflow.start_run(run_id=run_id):
+            mlflow.log_dict(json.loads(path.read_text()), OUTCOMES_ARTIFACT)
+
+
+def write_outcome_file(params: dict[str, Any], variant: str, model: Path, acc: float) -> None:
+    """:func:`write_outcomes` without an MLflow run (the pull-request check reads the file)."""
+    write_outcomes(params, variant, model, None, acc)
+
+
+def _gate_and_register(params: dict[str, Any], variant: str, model: Path, run_id: str, scores: str = "good",
+                       **changes: float) -> dict[str, Any]:
     from ctharden.stages import register as register_stage
 
     write_evaluation(params, variant, "nodule3d", model, run_id, **changes)
+    acc = changes.get("robust_pgd_linf_acc_eps0.005", fixture(variant)["nodule3d"]["headline"][
+        "robust_pgd_linf_acc_eps0.005"])
+    _client(params)  # the tracking store of these params
+    write_outcomes(params, variant, model, run_id, acc, scores)
     gate_stage.run(params, variant, ["nodule3d"])
     return register_stage.run(params, "nodule3d", [variant]).record
 
@@ -344,22 +380,25 @@ def test_promotion_rules_idempotence_and_champion_loads(registry_params: dict[st
     assert again["jobs"]["nodule3d"][0]["status"] == "already registered"
     assert len(client.search_model_versions(f"name = '{name}'")) == 1
 
-    # better primary metric, clean AUC within tolerance: champion moves
+    # better on the primary criterion by the paired test (6 samples only it survives, none only the
+    # champion: exact McNemar p = 0.5^6), same clean scores: champion moves
     m2, r2 = write_model(tmp_path, "v2", 2, log=True, params=params)
-    o2 = _gate_and_register(params, "hardened", m2, r2, **{"robust_pgd_linf_acc_eps0.005": 0.98,
+    o2 = _gate_and_register(params, "hardened", m2, r2, **{"robust_pgd_linf_acc_eps0.005": 0.985,
                                                           "robust_clean_test_auc": 0.985})["jobs"]["nodule3d"][0]
     assert o2["version"] == "2" and o2["promoted"] and o2["aliases"] == ["challenger", "champion"]
-    # better primary but clean AUC drops by more than 0.02: challenger only
+    assert "6 samples only the new version survives, 0 only the champion, of 400" in o2["champion_decision"]
+    # a better point value that the paired test cannot tell from chance (2 discordant pairs): kept
     m3, r3 = write_model(tmp_path, "v3", 3, log=True, params=params)
     o3 = _gate_and_register(params, "hardened", m3, r3, **{"robust_pgd_linf_acc_eps0.005": 0.99,
-                                                          "robust_clean_test_auc": 0.962})["jobs"]["nodule3d"][0]
+                                                          "robust_clean_test_auc": 0.985})["jobs"]["nodule3d"][0]
     assert o3["version"] == "3" and not o3["promoted"] and o3["aliases"] == ["challenger"]
-    assert "clean AUC" in o3["champion_decision"]
-    # passes the gate but does not beat the champion: challenger only
+    assert "not significantly better" in o3["champion_decision"]
+    # significantly better on the primary criterion but clean scores no better than chance: kept
     m4, r4 = write_model(tmp_path, "v4", 4, log=True, params=params)
-    o4 = _gate_and_register(params, "hardened", m4, r4)["jobs"]["nodule3d"][0]
-    assert o4["version"] == "4" and not o4["promoted"] and "does not beat" in o4["champion_decision"]
-    assert str(client.get_model_version_by_alias(name, "champion").version) == "2"
+    o4 = _gate_and_register(params, "hardened", m4, r4, scores="random",
+                            **{"robust_pgd_linf_acc_eps0.005": 1.0})["jobs"]["nodule3d"][0]
+    assert o4["version"] == "4" and not o4["promoted"] and "not non-inferior" in o4["champion_decision"]
+    assert str(client.get_model_version_by_alias(name, "champion").version) == "2"  # nothing beat v2
     assert str(client.get_model_version_by_alias(name, "challenger").version) == "4"
 
     # models:/<name>@champion loads and predicts: the pt2 model and the state_dict model file
@@ -417,6 +456,7 @@ def test_ci_gate_on_a_two_commit_repository(tmp_path: Path) -> None:
     try:
         params = load_params("params.yaml")
         write_evaluation(params, "hardened", "nodule3d", model, "r1")
+        write_outcome_file(params, "hardened", model, 0.96875)
     finally:
         os.chdir(old)
     _git(repo, "add", "-A")
@@ -435,14 +475,17 @@ def test_ci_gate_on_a_two_commit_repository(tmp_path: Path) -> None:
     os.chdir(repo)
     try:
         write_evaluation(params, "hardened", "nodule3d", model, "r1", **{"robust_pgd_linf_acc_eps0.005": 0.875})
+        write_outcome_file(params, "hardened", model, 0.875)
     finally:
         os.chdir(old)
     _git(repo, "commit", "-q", "-am", "regress")
     r = ci_gate(tmp_path / "pr.md")
     assert r.returncode == 1, r.stdout + r.stderr
     md = (tmp_path / "pr.md").read_text()
-    assert "pgd_linf_acc_eps0.005 regressed 0.9688 -> 0.875 (tolerance 0.07)" in r.stderr
-    assert "| nodule3d | hardened | `pgd_linf_acc_eps0.005` | 0.9688 | 0.875 | 0.09375 | 0.07 | **REGRESSED** |" in md
+    # decided by the paired test on the per-sample outcomes: 38 samples only the base survives, none only the head
+    assert "pgd_linf_acc_eps0.005 regressed 0.9688 -> 0.875 (paired McNemar p = 3.64e-12 < 0.05)" in r.stderr
+    assert ("| nodule3d | hardened | `pgd_linf_acc_eps0.005` | 0.9688 | 0.875 | 0.09375 | paired: 0 only head / "
+            "38 only base of 400, McNemar p = 3.64e-12 | **REGRESSED** |") in md
     assert "dvc metrics diff main" in md and "robust_pgd_linf_acc_eps0.005" in md, md  # dvc diff table
     assert "nodule3d | hardened | **gate** (95 % one-sided bounds) | | | | | **PASSED**" in md  # the gate passes
 

@@ -75,8 +75,12 @@ def evaluation_paths(params: Mapping[str, Any], variant: str = "baseline") -> di
 
 def outcomes_path(params: Mapping[str, Any], variant: str, job: str) -> Path:
     """The per-sample outcomes of a job's evaluation (which test samples each attack broke, by
-    sample id): what paired tests (champion promotion, the pull-request check) compare."""
-    return evaluation_paths(params, variant)["reports"] / job / "outcomes.json"
+    sample id): what paired tests (champion promotion, the pull-request check) compare. Kept
+    beside the metrics (committed with git, ``metrics/outcomes/<variant>/<job>.json``) so that the
+    pull-request check can read the base revision's."""
+    if variant not in VARIANTS:
+        raise ConfigError(f"unknown evaluation variant {variant!r} (choose from {list(VARIANTS)})")
+    return Path(section(params, "paths.metrics")) / "outcomes" / variant / f"{job}.json"
 
 
 def tune_paths(params: Mapping[str, Any], job: str) -> dict[str, Path]:

@@ -474,9 +474,11 @@ class TuneSection(_Model):
 
 
 class ChampionBlock(_Model):
-    """``gate.champion``: when a new version replaces the champion."""
+    """``gate.champion``: when a new version replaces the champion (paired tests on the same
+    samples, :mod:`ctharden.gate.champion`): better on the primary criterion by an exact McNemar
+    test at ``alpha``, clean AUC non-inferior within ``max_clean_auc_drop`` (paired DeLong)."""
 
-    min_improvement: Number = 0.0
+    alpha: Annotated[Number, Field(gt=0, lt=1)] = 0.05
     max_clean_auc_drop: Number = 0.02
 
 

@@ -113,7 +113,7 @@ class GateSettings:
 
     criteria: tuple[Criterion, ...]
     primary: str
-    min_improvement: float
+    alpha: float  # champion promotion and PR regressions: one-sided exact McNemar at this level
     max_clean_auc_drop: float
     regression: dict[str, float]
     model_name: str
@@ -175,7 +175,7 @@ def gate_settings(params: Mapping[str, Any], job: str) -> GateSettings:
     regression = {str(k): v for k, v in (cfg.regression or {}).items()}
     return GateSettings(
         criteria=criteria, primary=primary,
-        min_improvement=cfg.champion.min_improvement, max_clean_auc_drop=cfg.champion.max_clean_auc_drop,
+        alpha=cfg.champion.alpha, max_clean_auc_drop=cfg.champion.max_clean_auc_drop,
         regression={k: float(regression.get(k, 0.0)) for k in KINDS},
         model_name=name, confidence=cfg.confidence, method=cfg.method, power=cfg.plan.power,
         margin={str(k): float(v) for k, v in cfg.plan.margin.items()},

@@ -47,6 +47,7 @@ from ctharden.evaluation.headline import headline_metrics
 from ctharden.evaluation.trends import hardening_trends, nps_trends
 from ctharden.evaluation.units import evaluate_robustness, model_set
 from ctharden.gate.criteria import check, gate_settings
+from ctharden.gate.plan import planned_cap
 from ctharden.models import CTClassifier
 from ctharden.noise.config import noise_model
 from ctharden.reporting.report import (
@@ -59,9 +60,9 @@ from ctharden.reporting.report import (
     summary_markdown,
     write_plot_data,
 )
-from ctharden.stages.inputs import evaluation_settings, load_job_models, trained_dataset
+from ctharden.stages.inputs import load_job_models, trained_dataset
 from ctharden.stages.result import EvaluateResult
-from ctharden.tracking.runs import configure, tracking_from_params
+from ctharden.tracking.runs import OUTCOMES_ARTIFACT, configure, tracking_from_params
 
 log = logging.getLogger(__name__)
 ROBUSTNESS_ARTIFACTS = "robustness"
@@ -89,6 +90,17 @@ class EvalJob:
     def models(self) -> list[torch.nn.Module]:
         """The NPS attacks' models, the selected one first."""
         return model_set(self.model, self.fold_models, self.settings)
+
+
+def evaluation_settings(params: dict[str, Any], job: str, width: int) -> RobustnessSettings:
+    """The job's robustness settings for inputs ``width`` pixels wide, with every ``plan`` sample
+    cap set by the gate's planner (:func:`ctharden.gate.plan.planned_cap`: the ``n`` that decides
+    the job's criteria on that attack; no cap where the job gates nothing on it)."""
+    settings = job_settings(params, job).for_width(width)
+    if not settings.planned:
+        return settings
+    gs = gate_settings(params, job)
+    return settings.with_caps({attack: planned_cap(gs, attack) for attack in settings.planned})
 
 
 def prepare_job(params: dict[str, Any], job: str, variant: str = "baseline") -> EvalJob:
@@ -155,8 +167,10 @@ def write_job_figures(result: dict[str, Any], visuals: dict[str, Any], model: CT
     return figs
 
 
-def log_to_mlflow(params: dict[str, Any], result: dict[str, Any], files: Sequence[Path | None]) -> str | None:
-    """Log the job's headline metrics, result JSON and report files to its MLflow training run."""
+def log_to_mlflow(params: dict[str, Any], result: dict[str, Any], files: Sequence[Path | None],
+                  outcomes: Path | None = None) -> str | None:
+    """Log the job's headline metrics, result JSON, per-sample outcomes (``robustness/outcomes.json``,
+    what champion promotion pairs) and report files to its MLflow training run."""
     import mlflow
 
     run_id = result["model"].get("mlflow_run_id")
@@ -166,6 +180,8 @@ def log_to_mlflow(params: dict[str, Any], result: dict[str, Any], files: Sequenc
     with mlflow.start_run(run_id=run_id):
         mlflow.log_metrics(headline_metrics(result))
         mlflow.log_dict(result, f"{ROBUSTNESS_ARTIFACTS}/result.json")
+        if outcomes is not None:
+            mlflow.log_dict(load_json(outcomes), OUTCOMES_ARTIFACT)
         for f in files:
             if f is not None and Path(f).is_file():
                 mlflow.log_artifact(str(f), ROBUSTNESS_ARTIFACTS)
@@ -268,8 +284,8 @@ def write_evaluation(params: dict[str, Any], evaluated: dict[str, tuple[dict[str
     report = write_report(paths["reports"], results, figures, params.get("profile"), baselines, verdicts)
     if log_mlflow:
         for job, result in results.items():
-            files = [report["html"], report["summary"], outcome_files[job], *figures[job].values()]
-            result["mlflow_run_id"] = log_to_mlflow(params, result, files)
+            files = [report["html"], report["summary"], *figures[job].values()]
+            result["mlflow_run_id"] = log_to_mlflow(params, result, files, outcome_files[job])
     metrics = {job: {"headline": headlines[job], **r} for job, r in results.items()}
     if jobs and paths["metrics"].is_file():  # a subset of the jobs: keep the others' last metrics
         metrics = {**load_json(paths["metrics"]), **metrics}

@@ -10,14 +10,11 @@ from torch import nn
 
 from ctharden.config.jobs import job_config
 from ctharden.config.paths import dataset_dir, harden_paths, train_paths, validation_dir
-from ctharden.config.robustness import RobustnessSettings, job_settings
 from ctharden.core.errors import DataError
 from ctharden.core.io import load_json
 from ctharden.data.arrays import ArraySet, load_arrayset
 from ctharden.data.dataset import read_info
 from ctharden.data.validation import require_validated
-from ctharden.gate.criteria import gate_settings
-from ctharden.gate.plan import planned_cap
 from ctharden.models import CTClassifier
 from ctharden.models.files import load_model
 
@@ -76,13 +73,3 @@ def load_baseline(params: dict[str, Any], job: str) -> tuple[nn.Module, dict[str
     _, ds_dir, _ = trained_dataset(params, job, summary)
     return model, summary, load_arrayset(ds_dir, model)
 
-
-def evaluation_settings(params: dict[str, Any], job: str, width: int) -> RobustnessSettings:
-    """The job's robustness settings for inputs ``width`` pixels wide, with every ``plan`` sample
-    cap set by the gate's planner (:func:`ctharden.gate.plan.planned_cap`: the ``n`` that decides
-    the job's criteria on that attack; no cap where the job gates nothing on it)."""
-    settings = job_settings(params, job).for_width(width)
-    if not settings.planned:
-        return settings
-    gs = gate_settings(params, job)
-    return settings.with_caps({attack: planned_cap(gs, attack) for attack in settings.planned})

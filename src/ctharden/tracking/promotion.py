@@ -10,9 +10,10 @@ takes the gate's records from ``metrics/gate.json`` (baseline first, then harden
 - for a passed gate registers (or finds) a version of ``gate.model_name`` from the model's run
   (the pt2 model logged by training/hardening; its run also holds ``model_file/model.pt``), tags it
   (gate verdict, every gated metric, dataset version, git sha, params hash, report links), sets a
-  description, moves ``challenger`` to it, and moves ``champion`` to it only if it beats the
-  current champion's primary metric by more than ``gate.champion.min_improvement`` without losing
-  more than ``gate.champion.max_clean_auc_drop`` of clean AUC (or if there is no champion).
+  description, moves ``challenger`` to it, and moves ``champion`` to it only if (or if there is no
+  champion) the paired tests on both evaluations' per-sample outcomes say so
+  (:mod:`ctharden.gate.champion`): better on the primary criterion by an exact McNemar test at
+  ``gate.champion.alpha``, clean AUC non-inferior within ``gate.champion.max_clean_auc_drop``.
 
 Re-running is idempotent: a run already registered (tag ``ctharden.registration=complete``) is
 reported as such and its aliases are left alone. Writes ``metrics/register.json``.
@@ -28,11 +29,14 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from ctharden.config.paths import outcomes_path
 from ctharden.core.errors import DataError
 from ctharden.core.io import load_json, sha256_file
 from ctharden.data.version import data_version
 from ctharden.evaluation.headline import CLEAN_TEST_AUC
+from ctharden.gate.champion import promotion_decision
 from ctharden.gate.criteria import VERDICT_WORD, gate_settings, reasons, verdict_of
+from ctharden.tracking.runs import OUTCOMES_ARTIFACT
 
 log = logging.getLogger(__name__)
 TAG = "ctharden"
@@ -146,17 +150,25 @@ def _description(record: Mapping[str, Any], run_id: str) -> str:
             + f"\n\nRobustness report: {record['evaluation']['report']} (also runs:/{run_id}/robustness/index.html)")
 
 
-def _float_tag(mv: Any, key: str) -> float | None:
-    raw = (mv.tags or {}).get(key)
+def champion_outcomes(client: Any, champion: Any) -> dict[str, Any] | None:
+    """The per-sample outcomes of the champion's evaluation (its run's ``robustness/outcomes.json``),
+    None when its run holds none (evaluated before paired tests existed)."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
     try:
-        return float(raw) if raw not in (None, "None") else None
-    except ValueError:
+        path = mlflow.artifacts.download_artifacts(run_id=champion.run_id, artifact_path=OUTCOMES_ARTIFACT)
+    except (MlflowException, OSError):
         return None
+    found: dict[str, Any] = load_json(path)
+    return found
 
 
-def champion_decision(new: Any, champion: Any | None, min_improvement: float, max_auc_drop: float
-                      ) -> tuple[bool, str]:
-    """Should ``new`` (a model version) replace ``champion``? Returns ``(promote, why)``."""
+def champion_decision(params: Mapping[str, Any], record: Mapping[str, Any], new: Any, champion: Any | None,
+                      client: Any) -> tuple[bool, str]:
+    """Should ``new`` (a model version of the gated ``record``) replace ``champion``? Returns
+    ``(promote, why)``: by the paired tests of :func:`ctharden.gate.champion.promotion_decision` on
+    the two evaluations' per-sample outcomes (same samples, same seeds)."""
     if champion is None:
         return True, "no champion yet"
     if str(champion.version) == str(new.version):
@@ -164,17 +176,23 @@ def champion_decision(new: Any, champion: Any | None, min_improvement: float, ma
     metric_new, metric_old = (new.tags or {}).get(f"{TAG}.primary"), (champion.tags or {}).get(f"{TAG}.primary")
     if metric_new != metric_old:
         return False, f"primary criterion differs from the champion's ({metric_new} vs {metric_old}): not comparable"
-    p_new, p_old = _float_tag(new, f"{TAG}.primary_value"), _float_tag(champion, f"{TAG}.primary_value")
-    if p_new is None or p_old is None:
-        return False, "primary metric missing on a version"
-    if not p_new > p_old + min_improvement:
-        return False, (f"{metric_new} {p_new:.4g} does not beat champion v{champion.version}'s {p_old:.4g} "
-                       f"by > {min_improvement:g}")
-    a_new, a_old = _float_tag(new, f"{TAG}.clean_test_auc"), _float_tag(champion, f"{TAG}.clean_test_auc")
-    if a_old is not None and (a_new is None or a_new < a_old - max_auc_drop):
-        return False, (f"{metric_new} {p_new:.4g} beats {p_old:.4g} but clean AUC {a_new} is more than "
-                       f"{max_auc_drop:g} below champion v{champion.version}'s {a_old:.4g}")
-    return True, f"{metric_new} {p_new:.4g} > champion v{champion.version}'s {p_old:.4g}, clean AUC {a_new} vs {a_old}"
+    gs = gate_settings(params, record["job"])
+    mine = outcomes_path(params, record["variant"], record["job"])
+    if not mine.is_file():
+        return False, f"no per-sample outcomes of this evaluation ({mine}); re-run the evaluation"
+    new_out = load_json(mine)
+    if new_out.get("model_sha256") != record["model"]["sha256"]:
+        return False, f"{mine} is of another model than the one gated; re-run the evaluation"
+    old_out = champion_outcomes(client, champion)
+    if old_out is None:
+        return False, (f"champion v{champion.version} has no per-sample outcomes to pair with; re-evaluate it "
+                       "(the nightly re-evaluation) before it can be replaced")
+    try:
+        promote, why, _ = promotion_decision(new_out, old_out, gs.criterion(gs.primary), alpha=gs.alpha,
+                                             max_auc_drop=gs.max_clean_auc_drop)
+    except DataError as exc:
+        return False, f"not comparable with champion v{champion.version}: {exc}"
+    return promote, f"vs champion v{champion.version}: {why}"
 
 
 def alias_version(client: Any, name: str, alias: str) -> Any | None:
@@ -232,7 +250,7 @@ def register_record(params: Mapping[str, Any], record: Mapping[str, Any], client
     mv = client.get_model_version(name, mv.version)
     client.set_registered_model_alias(name, CHALLENGER, mv.version)
     champion = alias_version(client, name, CHAMPION)
-    promote, why = champion_decision(mv, champion, gs.min_improvement, gs.max_clean_auc_drop)
+    promote, why = champion_decision(params, record, mv, champion, client)
     if promote:
         client.set_registered_model_alias(name, CHAMPION, mv.version)
     decision = ("promoted: " if promote else "kept: ") + why

@@ -25,6 +25,8 @@ from ctharden.core.errors import ConfigError, DataError
 from ctharden.models.files import load_model
 
 MODEL_FILE_ARTIFACT = "model_file"
+#: Where an evaluation logs its per-sample outcomes in the model's run (paired champion tests).
+OUTCOMES_ARTIFACT = "robustness/outcomes.json"
 MAX_PARAM_LEN = 6000
 _ENV = "MLFLOW_TRACKING_URI"
 # URIs that configure() put into the environment itself (mlflow.set_tracking_uri exports the URI so
