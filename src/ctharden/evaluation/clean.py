@@ -70,22 +70,26 @@ def as_labels(y_true: Any, name: str = "y_true") -> np.ndarray:
     return y.astype(np.int64)
 
 
-def _as_scores(score: Any, n: int) -> np.ndarray:
-    """``score`` as a 1-D float64 array of length ``n`` with finite values in [0, 1]."""
+def finite_scores(score: Any, n: int, name: str = "score") -> np.ndarray:
+    """``score`` as a 1-D float64 array of length ``n`` with finite values (any real: logits are fine)."""
     s = np.asarray(score)
     if s.ndim != 1:
-        raise DataError(f"score must be 1-D with shape (N,), got shape {s.shape}")
+        raise DataError(f"{name} must be 1-D with shape (N,), got shape {s.shape}")
     if s.shape[0] != n:
-        raise DataError(f"shape mismatch: y_true has {n} samples but score has {s.shape[0]}")
+        raise DataError(f"shape mismatch: y_true has {n} samples but {name} has {s.shape[0]}")
     if not (np.issubdtype(s.dtype, np.floating) or np.issubdtype(s.dtype, np.integer) or s.dtype == bool):
-        raise DataError(f"score must be numeric, got dtype {s.dtype}")
+        raise DataError(f"{name} must be numeric, got dtype {s.dtype}")
     s = s.astype(np.float64)
     nonfinite = ~np.isfinite(s)
     if nonfinite.any():
         i = int(np.flatnonzero(nonfinite)[0])
-        raise DataError(
-            f"score has {int(nonfinite.sum())} NaN/Inf value(s), first at index {i}: {s[i]!r}"
-        )
+        raise DataError(f"{name} has {int(nonfinite.sum())} NaN/Inf value(s), first at index {i}: {float(s[i])!r}")
+    return s
+
+
+def _as_scores(score: Any, n: int) -> np.ndarray:
+    """``score`` as a 1-D float64 array of length ``n`` with finite values in [0, 1]."""
+    s = finite_scores(score, n)
     out = (s < 0.0) | (s > 1.0)
     if out.any():
         i = int(np.flatnonzero(out)[0])

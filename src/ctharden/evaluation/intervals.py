@@ -73,7 +73,7 @@ from scipy.special import ndtri
 from scipy.stats import beta, rankdata
 
 from ctharden.core.errors import DataError
-from ctharden.evaluation.clean import as_labels
+from ctharden.evaluation.clean import as_labels, finite_scores
 
 __all__ = [
     "AUC_METHODS",
@@ -172,7 +172,7 @@ class Interval:
     def scaled(self, factor: float) -> Interval:
         """``point``, ``lower``, ``upper`` and ``se`` multiplied by ``factor`` (> 0, e.g. 100 for
         percent); ``n``, ``k``, ``method``, ``level`` and ``sided`` unchanged."""
-        f = _finite_float(factor, "factor")
+        f = finite_float(factor, "factor")
         if f <= 0.0:
             raise DataError(f"factor={factor!r} must be > 0 (a negative factor would swap the bounds)")
         return Interval(
@@ -189,7 +189,7 @@ class Interval:
 
 
 # ------------------------------------------------------------------------------------ validation
-def _finite_float(value: Any, name: str) -> float:
+def finite_float(value: Any, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise DataError(f"{name} must be a real number, got {value!r}")
     v = float(value)
@@ -198,15 +198,15 @@ def _finite_float(value: Any, name: str) -> float:
     return v
 
 
-def _count(value: Any, name: str) -> int:
+def check_count(value: Any, name: str) -> int:
     """``value`` as an ``int``: Python or numpy integers, not bools, not floats."""
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
         raise DataError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
     return int(value)
 
 
-def _check_level(level: Any, name: str = "level") -> float:
-    lv = _finite_float(level, name)
+def check_level(level: Any, name: str = "level") -> float:
+    lv = finite_float(level, name)
     if not 0.0 < lv < 1.0:
         raise DataError(f"{name}={level!r} must lie strictly between 0 and 1 (e.g. 0.95)")
     return lv
@@ -225,23 +225,7 @@ def checked_real_scores(y_true: Any, score: Any, name: str = "score") -> tuple[n
     (logits are fine; ranks are all that matter here).
     """
     y = as_labels(y_true)
-    return y, _real_scores(score, y.shape[0], name)
-
-
-def _real_scores(score: Any, n: int, name: str) -> np.ndarray:
-    s = np.asarray(score)
-    if s.ndim != 1:
-        raise DataError(f"{name} must be 1-D with shape (N,), got shape {s.shape}")
-    if s.shape[0] != n:
-        raise DataError(f"shape mismatch: y_true has {n} samples but {name} has {s.shape[0]}")
-    if not (np.issubdtype(s.dtype, np.floating) or np.issubdtype(s.dtype, np.integer) or s.dtype == bool):
-        raise DataError(f"{name} must be numeric, got dtype {s.dtype}")
-    s = s.astype(np.float64)
-    nonfinite = ~np.isfinite(s)
-    if nonfinite.any():
-        i = int(np.flatnonzero(nonfinite)[0])
-        raise DataError(f"{name} has {int(nonfinite.sum())} NaN/Inf value(s), first at index {i}: {float(s[i])!r}")
-    return s
+    return y, finite_scores(score, y.shape[0], name)
 
 
 def _both_classes(y: np.ndarray, what: str, at_least: int = 1) -> tuple[int, int]:
@@ -261,7 +245,7 @@ def _both_classes(y: np.ndarray, what: str, at_least: int = 1) -> tuple[int, int
 def z_value(level: float, sided: str) -> float:
     """The standard normal quantile of the normal-theory bounds: ``Φ⁻¹((1 + level) / 2)`` for
     ``"two-sided"``, ``Φ⁻¹(level)`` for ``"lower"`` and ``"upper"``."""
-    lv = _check_level(level)
+    lv = check_level(level)
     side = _check_sided(sided)
     return float(ndtri(0.5 + 0.5 * lv if side == "two-sided" else lv))
 
@@ -285,12 +269,12 @@ def proportion_interval(
         DataError: a count that is not an integer or is out of range, ``level`` outside (0, 1),
             or an unknown ``method`` / ``sided``.
     """
-    kk, nn = _count(k, "k"), _count(n, "n")
+    kk, nn = check_count(k, "k"), check_count(n, "n")
     if nn < 1:
         raise DataError(f"n={nn} must be >= 1: a proportion needs at least one trial")
     if not 0 <= kk <= nn:
         raise DataError(f"k={kk} must lie in [0, n={nn}]")
-    lv = _check_level(level)
+    lv = check_level(level)
     if method not in METHODS:
         raise DataError(f"unknown proportion method={method!r}: expected one of {', '.join(METHODS)}")
     side = _check_sided(sided)
@@ -329,7 +313,7 @@ def proportion_bounds(k: Any, n: int, *, level: float = 0.95, method: str = "clo
     :func:`proportion_interval` computes it: ``sided="lower"`` gives the lower bounds,
     ``"upper"`` the upper ones; ``"two-sided"`` gives ``(2, K)`` (lower, upper). For the
     sample-size planner, which needs the bound of every possible count."""
-    nn = _count(n, "n")
+    nn = check_count(n, "n")
     if nn < 1:
         raise DataError(f"n={nn} must be >= 1: a proportion needs at least one trial")
     kk = np.asarray(k)
@@ -338,7 +322,7 @@ def proportion_bounds(k: Any, n: int, *, level: float = 0.95, method: str = "clo
     if method not in METHODS:
         raise DataError(f"unknown proportion method={method!r}: expected one of {', '.join(METHODS)}")
     side = _check_sided(sided)
-    lo, hi = _bounds_of(kk, nn, _check_level(level), str(method), side)
+    lo, hi = _bounds_of(kk, nn, check_level(level), str(method), side)
     if side == "lower":
         return lo
     if side == "upper":
@@ -387,7 +371,7 @@ def delong_components(y: Any, scores: Any) -> tuple[np.ndarray, np.ndarray]:
         s = s[None, :]
     if s.ndim != 2 or s.shape[0] < 1:
         raise DataError(f"scores must have shape (M, N) or (N,), got shape {np.asarray(scores).shape}")
-    rows = np.stack([_real_scores(row, yv.shape[0], f"scores[{i}]") for i, row in enumerate(s)])
+    rows = np.stack([finite_scores(row, yv.shape[0], f"scores[{i}]") for i, row in enumerate(s)])
     m, n = _both_classes(yv, "the DeLong variance of the AUC", at_least=2)
     aucs, v10, v01 = _placements(yv, rows)
     cov = np.atleast_2d(np.cov(v10, ddof=1)) / m + np.atleast_2d(np.cov(v01, ddof=1)) / n
@@ -420,7 +404,7 @@ def auc_delong(y_true: Any, score: Any, *, level: float = 0.95, sided: str = "tw
             of a class, ``level`` outside (0, 1), unknown ``sided``.
     """
     y, s = checked_real_scores(y_true, score)
-    lv = _check_level(level)
+    lv = check_level(level)
     side = _check_sided(sided)
     aucs, cov = delong_components(y, s[None, :])
     auc = float(aucs[0])
@@ -460,11 +444,11 @@ def auc_bootstrap(y_true: Any, score: Any, *, level: float = 0.95, n_boot: int =
             (0, 1), ``n_boot < 2`` or a non-integer ``n_boot`` / ``seed``.
     """
     y, s = checked_real_scores(y_true, score)
-    lv = _check_level(level)
-    b = _count(n_boot, "n_boot")
+    lv = check_level(level)
+    b = check_count(n_boot, "n_boot")
     if b < 2:
         raise DataError(f"n_boot={b} must be >= 2")
-    rng = np.random.default_rng(_count(seed, "seed"))
+    rng = np.random.default_rng(check_count(seed, "seed"))
     m, n = _both_classes(y, "the bootstrap AUC interval")
     x, yy = s[y == 1], s[y == 0]
     point = float(_auc_rows(x[None, :], yy[None, :])[0])

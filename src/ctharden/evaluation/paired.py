@@ -46,11 +46,11 @@ from scipy.stats import binom
 from ctharden.core.errors import DataError
 from ctharden.evaluation.clean import as_labels
 from ctharden.evaluation.intervals import (
-    _check_level,
-    _count,
-    _finite_float,
+    check_count,
+    check_level,
     checked_real_scores,
     delong_components,
+    finite_float,
     z_value,
 )
 
@@ -124,7 +124,7 @@ def mcnemar_exact(new_only: int, old_only: int, *, alternative: str = "greater")
     Raises:
         DataError: a count that is not a non-negative integer, or an unknown ``alternative``.
     """
-    b, c = _count(new_only, "new_only"), _count(old_only, "old_only")
+    b, c = check_count(new_only, "new_only"), check_count(old_only, "old_only")
     if b < 0 or c < 0:
         raise DataError(f"discordant counts must be >= 0, got new_only={b}, old_only={c}")
     if alternative not in ALTERNATIVES:
@@ -205,10 +205,10 @@ def auc_noninferior(
     Raises:
         DataError: as :func:`delong_paired`, or ``margin`` / ``alpha`` out of range.
     """
-    mg = _finite_float(margin, "margin")
+    mg = finite_float(margin, "margin")
     if not 0.0 <= mg < 1.0:
         raise DataError(f"margin={margin!r} must lie in [0, 1) (an AUC difference)")
-    al = _check_level(alpha, "alpha")
+    al = check_level(alpha, "alpha")
     res = delong_paired(y_true, score_new, score_old)
     diff, se = res["diff"], res["se"]
     lower = diff - z_value(1.0 - al, "lower") * se
