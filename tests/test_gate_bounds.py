@@ -161,3 +161,14 @@ def test_paired_regression_is_not_fooled_by_a_few_moved_samples(settings) -> Non
     assert paired_regression(worse, base, c, alpha=0.05)["regressed"]  # 11 lost samples do
     with pytest.raises(DataError, match="different datasets"):
         paired_regression(_outcomes([True] * 32, "d2"), base, c, alpha=0.05)
+
+
+def test_plan_caps_reach_the_evaluation_settings() -> None:
+    from ctharden.stages.evaluate import evaluation_settings
+
+    params = load_params(REPO / "params.yaml", "default")
+    s = evaluation_settings(params, "nodule2d", 45)
+    n = samples_needed("<=", 0.25, 0.15)  # optimised SAN/N <= 25 % at 500 mAs, planned for a 15 % model
+    assert s.optimized.max_samples == n and s.planned_caps == {"optimized": n}
+    assert s.pgd.max_samples is None  # PGD attacks every test sample
+    assert s.to_dict()["planned"] == ["optimized"]

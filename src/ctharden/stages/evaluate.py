@@ -207,6 +207,10 @@ def write_report(rep: Path, results: dict[str, dict[str, Any]],
         "PGD ε in model-input units ([0, 1]) and HU; every sanity check runs with the evaluation.",
     ]
     for name, res in results.items():
+        for attack, cap in (res["settings"].get("planned_caps") or {}).items():
+            notes.append(f"{name}: the {attack} attack's sample cap per split is "
+                         + ("none (every sample)" if cap is None else f"{cap}") + ", set by the gate's sample planner "
+                         "(the n that decides its criteria; `ctharden gate plan`).")
         if res["settings"].get("hu_per_unit") and res["model"]["config"].get("window_hu") is None:
             notes.append(f"{name}: images carry no HU; noise is added in HU through an assumed display window of "
                          f"{res['settings']['hu_per_unit']:g} HU per unit and "

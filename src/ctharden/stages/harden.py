@@ -82,6 +82,9 @@ def harden_job(params: dict[str, Any], job: str, *, log_mlflow: bool = True) -> 
     data = hardening_data(full, int(summary["selected_fold"]))
     width = int(data.train.x.shape[-1])
     rs = job_settings(params, job).for_width(width)
+    # a cap the evaluation leaves to the gate's planner is, in the harden stage's comparisons (the
+    # adaptive-training Tables 4-5), the stage's own comparison cap
+    rs = rs.with_caps(dict.fromkeys(rs.planned, hs.compare_max_samples))
     methods = list(dict.fromkeys([hs.method, *hs.compare]))
     noise = noise_context(params, job, baseline, width) if "nps" in methods else None
     adaptive_ctx = _adaptive_context(params, job, data, rs) if "adaptive" in methods else None
