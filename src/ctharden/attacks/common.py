@@ -273,6 +273,14 @@ def use_bf16(model: nn.Module, x: Tensor, autocast: bool) -> bool:
     return bool(autocast) and param_dtype(model) == torch.float32 and x.device.type in ("cpu", "cuda")
 
 
+def slice_arg(value: Any, sl: slice, n: int) -> Any:
+    """A chunk ``sl`` of a per-sample argument: tensors with one value per sample (ε, step size,
+    labels) follow the chunk; scalars pass through."""
+    if isinstance(value, Tensor) and value.dim() > 0 and value.shape[0] == n and value.numel() > 1:
+        return value[sl]
+    return value
+
+
 def batch_slices(n: int, batch_size: int | None) -> list[slice]:
     if batch_size is None:
         return [slice(0, n)]

@@ -96,6 +96,7 @@ from ctharden.attacks.common import (
     prepare_batch,
     project,
     random_in_ball,
+    slice_arg,
     use_bf16,
 )
 from ctharden.attacks.losses import AttackError, attack_loss
@@ -289,13 +290,6 @@ def _score(b: AttackBatch, z: Tensor, key: str) -> tuple[Tensor, Tensor]:
 
 
 
-def _slice_arg(value: Any, sl: slice, n: int) -> Any:
-    """Per-sample tensors (ε, step size, labels) follow the chunk; scalars pass through."""
-    if isinstance(value, Tensor) and value.dim() > 0 and value.shape[0] == n and value.numel() > 1:
-        return value[sl]
-    return value
-
-
 def pgd(
     model: nn.Module,
     x: Tensor,
@@ -358,9 +352,9 @@ def pgd(
     with attack_mode(model):
         bf16 = use_bf16(model, x, autocast)
         for sl in batch_slices(n, batch_size):
-            b = prepare_batch(model, x[sl], _slice_arg(y, sl, n), _slice_arg(eps, sl, n), clip, output)
+            b = prepare_batch(model, x[sl], slice_arg(y, sl, n), slice_arg(eps, sl, n), clip, output)
             xa, broken = attack_batch(
-                model, b, norm=norm, steps=steps, step_size=_slice_arg(step_size, sl, n),
+                model, b, norm=norm, steps=steps, step_size=slice_arg(step_size, sl, n),
                 restarts=restarts, loss=loss, bf16=bf16, generator=generator, early_stop=early_stop,
             )
             advs.append(xa)
