@@ -72,6 +72,7 @@ from ctharden.attacks.common import (
     check_choice,
     check_int,
     check_x,
+    fp32_verdict,
     prepare_batch,
     project,
     random_in_ball,
@@ -217,15 +218,6 @@ def _run(
     return x_out
 
 
-def _evaluate(model: nn.Module, xa: Tensor, b: AttackBatch, loss: str) -> tuple[Tensor, Tensor]:
-    """Plain fp32 forward: (broken, loss with NaN -> -inf) per sample."""
-    with torch.no_grad():
-        z = canonical_forward(model, xa, b.adapter, False)
-        broken = b.adapter.predict(z) != b.y
-        score = torch.nan_to_num(_loss(loss, z, b.y, b.adapter.binary), nan=float("-inf"))
-    return broken, score
-
-
 def _attack_batch(
     model: nn.Module,
     b: AttackBatch,
@@ -241,7 +233,7 @@ def _attack_batch(
 ) -> tuple[Tensor, Tensor]:
     """APGD with restarts on a prepared batch (inside :func:`attack_mode`): (x_adv, broken)."""
     best_x = b.x
-    best_broken, best_score = _evaluate(model, b.x, b, loss)  # the clean input is a candidate
+    best_broken, best_score = fp32_verdict(model, b.x, b, loss, _loss)  # the clean input is a candidate
     positive = b.eps > 0  # ε = 0: nothing to search
     for _ in range(restarts):
         with torch.no_grad():
@@ -251,11 +243,11 @@ def _attack_batch(
             model, b, norm=norm, loss=loss, steps=steps, rho=rho, bf16=bf16, start=start, active=active,
             early_stop=early_stop,
         )
-        broken, score = _evaluate(model, xa, b, loss)
+        broken, score = fp32_verdict(model, xa, b, loss, _loss)
         better = active & ((broken & ~best_broken) | ((broken == best_broken) & (score > best_score)))
         best_x = _where(better, xa, best_x)
         best_broken, best_score = torch.where(better, broken, best_broken), torch.where(better, score, best_score)
-    broken, _ = _evaluate(model, best_x, b, loss)  # decided on exactly the returned tensor
+    broken, _ = fp32_verdict(model, best_x, b, loss, _loss)  # decided on exactly the returned tensor
     return best_x, broken
 
 

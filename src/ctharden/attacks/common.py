@@ -5,14 +5,14 @@ other's private helpers (see docs/ARCHITECTURE.md, "Attack rules")."""
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
 
-from ctharden.attacks.losses import AttackError, OutputAdapter, infer_adapter
+from ctharden.attacks.losses import AttackError, OutputAdapter, attack_loss, infer_adapter
 from ctharden.config import choices
 
 NORMS = choices.NORMS  # defined once in ctharden.config.choices
@@ -271,6 +271,20 @@ def default_step_size(eps: Tensor, steps: int, norm: str = "linf") -> Tensor:
 
 def use_bf16(model: nn.Module, x: Tensor, autocast: bool) -> bool:
     return bool(autocast) and param_dtype(model) == torch.float32 and x.device.type in ("cpu", "cuda")
+
+
+LossFn = Callable[[str, Tensor, Tensor, bool], Tensor]
+
+
+def fp32_verdict(model: nn.Module, xa: Tensor, b: AttackBatch, loss: str,
+                 loss_fn: LossFn = attack_loss) -> tuple[Tensor, Tensor]:
+    """Plain (fp32, no autocast) forward on exactly ``xa``: ``(broken (N,), loss (N,))`` with the
+    attack loss ``loss_fn(loss, ...)`` per sample, NaN -> -inf (the attacks' worst-case bookkeeping)."""
+    with torch.no_grad():
+        z = canonical_forward(model, xa, b.adapter, False)
+        broken = b.adapter.predict(z) != b.y
+        score = torch.nan_to_num(loss_fn(loss, z, b.y, b.adapter.binary), nan=float("-inf"))
+    return broken, score
 
 
 def slice_arg(value: Any, sl: slice, n: int) -> Any:

@@ -92,6 +92,7 @@ from ctharden.attacks.common import (
     check_int,
     check_x,
     default_step_size,
+    fp32_verdict,
     per_sample,
     prepare_batch,
     project,
@@ -208,15 +209,6 @@ def _run(
     return best
 
 
-def _evaluate(model: nn.Module, xa: Tensor, b: AttackBatch, loss: str) -> tuple[Tensor, Tensor]:
-    """Plain (fp32, no autocast) forward: (broken, score) with score = ``loss`` per sample."""
-    with torch.no_grad():
-        z = canonical_forward(model, xa, b.adapter, False)
-        broken = b.adapter.predict(z) != b.y
-        score = torch.nan_to_num(attack_loss(loss, z, b.y, b.adapter.binary), nan=float("-inf"))
-    return broken, score
-
-
 def _merge(
     cur: tuple[Tensor, Tensor, Tensor] | None, new: tuple[Tensor, Tensor, Tensor]
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -275,9 +267,9 @@ def attack_batch(
                 model, b, norm=norm, loss=name, steps=steps, alpha=alpha, bf16=bf16, start=start, trace=trace,
                 active=~best[1] if early_stop else None, early_stop=early_stop,
             )
-            best = _merge(best, (xa, *_evaluate(model, xa, b, key)))
+            best = _merge(best, (xa, *fp32_verdict(model, xa, b, key)))
     x_adv = best[0]
-    broken, _ = _evaluate(model, x_adv, b, key)  # decided on exactly the returned tensor
+    broken, _ = fp32_verdict(model, x_adv, b, key)  # decided on exactly the returned tensor
     return x_adv, broken
 
 
@@ -397,9 +389,9 @@ def fgsm(
             with torch.no_grad():
                 step = batch_view(b.eps, b.x) * ascent_direction(grad, norm)
                 xa = project(b.x + step, b.x, b.eps, norm, b.clip)
-            best = _merge(best, (xa, *_evaluate(model, xa, b, key)))
+            best = _merge(best, (xa, *fp32_verdict(model, xa, b, key)))
         assert best is not None
-        broken, _ = _evaluate(model, best[0], b, key)
+        broken, _ = fp32_verdict(model, best[0], b, key)
     x_adv = best[0].to(x.dtype)
     if x_adv.dtype != best[0].dtype:
         broken = predict_broken(model, x_adv, y, output=output)
