@@ -26,6 +26,7 @@ from ctharden.attacks import (
 )
 from ctharden.attacks import ensemble as ensemble_module
 from ctharden.attacks.apgd import checkpoints
+from ctharden.attacks.ensemble import check_gradient_masking, ensemble_sweep
 from ctharden.attacks.square import SquareResult, p_selection
 from ctharden.models import build_model
 
@@ -381,6 +382,28 @@ def test_ensemble_members_per_sample_eps_and_other_models(
     assert (_size(ens3.x_adv - x3, "l2") <= 0.8 * (1 + 1e-6)).all()
     only_square = attack_ensemble(net3d, x3, y3, 0.1, attacks=("square",), square_queries=50, generator=_gen())
     assert not only_square.masking_suspect  # no gradient member to compare with
+
+
+def test_sweep_reuses_earlier_pgd_outputs_and_the_masking_check_needs_both_kinds(
+    net2d: nn.Module, data2d: tuple[Tensor, Tensor]
+) -> None:
+    x, y = data2d
+    x, y = x[:16], y[:16]
+    eps = [0.03, 0.06]
+    prior = {e: pgd(net2d, x, y, e, steps=30, loss="both", generator=_gen(), early_stop=True)[0] for e in eps}
+    runs = ensemble_sweep(net2d, x, y, eps, pgd_x_adv=prior, steps=30, square_queries=100, generator=_gen())
+    for e in eps:
+        # the pgd member is exactly the earlier run's verdict, re-decided in fp32
+        assert torch.equal(runs[e].broken_by["pgd"], predict_broken(net2d, prior[e], y) & runs[e].clean_correct)
+        assert (_size(runs[e].x_adv - x, "linf") <= e * (1 + 1e-6)).all()
+    assert runs[0.06].robust_accuracy <= runs[0.03].robust_accuracy
+    ok = check_gradient_masking(runs)
+    assert ok["name"] == "gradient_masking" and ok["passed"] is (sum(ok["detail"]["masked"]) == 0)
+    no_square = ensemble_sweep(net2d, x, y, eps, attacks=["pgd"], steps=10, generator=_gen())
+    unchecked = check_gradient_masking(no_square)
+    assert unchecked["passed"] is False and "not checked" in unchecked["detail"]["message"]
+    with pytest.raises(AttackError, match="no PGD outputs"):
+        ensemble_sweep(net2d, x, y, [0.03, 0.1], pgd_x_adv=prior, steps=5, generator=_gen())
 
 
 def test_ensemble_verification_catches_a_budget_bug(

@@ -15,7 +15,7 @@ from ctharden.gate.criteria import check, gate_settings, reasons
 from ctharden.gate.plan import plan_job, planned_cap, planning_rate
 from ctharden.gate.planner import auc_samples_needed, decide_power, samples_needed
 
-ACC = "robust_pgd_linf_acc_eps0.005"
+ACC = "robust_ensemble_linf_acc_eps0.005"
 SAN = "robust_random_test_san_rate_mas100"
 AUC = "robust_clean_test_auc"
 
@@ -28,12 +28,12 @@ def settings():  # type: ignore[no-untyped-def]
 def evidence(k_acc: int, n_acc: int, k_san: int, n_san: int, auc: float = 0.9, se: float = 0.01
              ) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
     """Headline metrics and their evidence for a nodule2d model (every other criterion clearly passes)."""
-    headline = {AUC: auc, ACC: k_acc / n_acc, SAN: 100 * k_san / n_san, "robust_pgd_l2_acc_eps0.25": 0.95,
+    headline = {AUC: auc, ACC: k_acc / n_acc, SAN: 100 * k_san / n_san, "robust_ensemble_l2_acc_eps0.25": 0.95,
                 "robust_sanity_passed": 1.0}
     ev: dict[str, dict[str, float]] = {ACC: {"k": k_acc, "n": n_acc, "point": k_acc / n_acc},
                                        SAN: {"k": k_san, "n": n_san, "point": 100 * k_san / n_san},
                                        AUC: {"point": auc, "se": se, "n": 324},
-                                       "robust_pgd_l2_acc_eps0.25": {"k": 950, "n": 1000, "point": 0.95}}
+                                       "robust_ensemble_l2_acc_eps0.25": {"k": 950, "n": 1000, "point": 0.95}}
     for mas in (50, 200, 500):
         name = f"robust_random_test_san_rate_mas{mas}"
         headline[name] = 0.0
@@ -52,13 +52,13 @@ def test_at_least_criterion_passes_fails_and_is_inconclusive_on_its_lower_bound(
     # 0.70 needed: 300/324 has a lower bound far above; 11/16 = 0.69 cannot be decided; 100/324 is far below
     for k, n, want in ((300, 324, "pass"), (11, 16, "inconclusive"), (100, 324, "fail")):
         verdict = decide(settings, k, n, 0, 1000)
-        row = verdict["criteria"]["pgd_linf_acc_eps0.005"]
+        row = verdict["criteria"]["robust_linf_acc_eps0.005"]
         assert row["decision"] == want, row
         assert verdict["verdict"] == want and verdict["passed"] == (want == "pass")
         lower = proportion_interval(k, n, level=0.95, sided="lower").lower
         assert row["lower"] == pytest.approx(lower) and row["k"] == k and row["n"] == n
     # a point above the threshold on too few samples is not a pass (the covid2d case of the issue: 11/16)
-    row = decide(settings, 12, 16, 0, 1000)["criteria"]["pgd_linf_acc_eps0.005"]
+    row = decide(settings, 12, 16, 0, 1000)["criteria"]["robust_linf_acc_eps0.005"]
     assert row["value"] == 0.75 > 0.70 and row["decision"] == "inconclusive"
     assert row["samples_to_decide"] is not None and row["samples_to_decide"] > 16
 
@@ -82,7 +82,7 @@ def test_missing_sample_counts_fail_with_a_reason(settings) -> None:  # type: ig
     headline, ev = evidence(300, 324, 0, 1000)
     del ev[ACC]
     verdict = check(headline, settings, ev)
-    assert verdict["verdict"] == "fail" and "pgd_linf_acc_eps0.005" in verdict["failed"]
+    assert verdict["verdict"] == "fail" and "robust_linf_acc_eps0.005" in verdict["failed"]
     assert "no sample count" in reasons(verdict)
     headline.pop(SAN)
     assert check(headline, settings, ev)["criteria"]["random_san_mas100"]["note"] == "not measured"
@@ -90,7 +90,7 @@ def test_missing_sample_counts_fail_with_a_reason(settings) -> None:  # type: ig
 
 def test_fail_outranks_inconclusive(settings) -> None:  # type: ignore[no-untyped-def]
     verdict = decide(settings, 11, 16, 60, 324)
-    assert verdict["verdict"] == "fail" and verdict["inconclusive"] == ["pgd_linf_acc_eps0.005"]
+    assert verdict["verdict"] == "fail" and verdict["inconclusive"] == ["robust_linf_acc_eps0.005"]
     assert "random_san_mas100 fail" in reasons(verdict) and "inconclusive" in reasons(verdict)
 
 
@@ -130,9 +130,9 @@ def test_auc_planner_extrapolates_the_delong_se() -> None:
 
 
 def test_job_plan_rows_and_caps(settings) -> None:  # type: ignore[no-untyped-def]
-    rows = {r["criterion"]: r for r in plan_job(settings, expected={"pgd_linf_acc_eps0.005": 0.8})}
-    assert rows["pgd_linf_acc_eps0.005"]["expected_from"] == "given"
-    assert rows["pgd_linf_acc_eps0.005"]["needed"] == samples_needed(">=", 0.7, 0.8)
+    rows = {r["criterion"]: r for r in plan_job(settings, expected={"robust_linf_acc_eps0.005": 0.8})}
+    assert rows["robust_linf_acc_eps0.005"]["expected_from"] == "given"
+    assert rows["robust_linf_acc_eps0.005"]["needed"] == samples_needed(">=", 0.7, 0.8)
     assert rows["optimized_san_mas500"]["expected"] == pytest.approx(15.0)  # 25 % - the 10-point margin
     assert rows["clean_auc"]["needed"] is None  # no observed DeLong se to extrapolate from
     c = next(c for c in settings.criteria if c.name == "optimized_san_mas500")
@@ -144,14 +144,14 @@ def test_job_plan_rows_and_caps(settings) -> None:  # type: ignore[no-untyped-de
 
 def _outcomes(survivors: list[bool], dataset: str = "d1") -> dict:  # type: ignore[type-arg]
     ids = [f"s{i}" for i in range(len(survivors))]
-    return {"dataset_hash": dataset, "pgd_linf": {"ids": ids, "broken": {"0.005": [not s for s in survivors]}},
+    return {"dataset_hash": dataset, "ensemble_linf": {"ids": ids, "broken": {"0.005": [not s for s in survivors]}},
             "clean": {"ids": ids, "y": [i % 2 for i in range(len(ids))], "score": [0.5] * len(ids)}}
 
 
 def test_paired_regression_is_not_fooled_by_a_few_moved_samples(settings) -> None:  # type: ignore[no-untyped-def]
     from ctharden.gate.champion import paired_regression
 
-    c = settings.criterion("pgd_linf_acc_eps0.005")
+    c = settings.criterion("robust_linf_acc_eps0.005")
     base = _outcomes([True] * 31 + [False])  # 31/32
     head = _outcomes([True] * 28 + [False] * 4)  # 28/32: 0.094 worse, beyond a 0.07 tolerance on points
     r = paired_regression(head, base, c, alpha=0.05)

@@ -122,17 +122,17 @@ def test_gate_decides_the_measured_metrics_on_bounds(tmp_path: Path) -> None:
         assert "optimized_san_mas500" in base["failed"]
     assert gated["hardened"]["nodule3d"]["verdict"] == "pass"
     # hardened covid2d: PGD L∞ accuracy 0.375 at 7 HU is far below the policy's 0.70; 29 % optimised SAN > 25
-    assert gated["hardened"]["covid2d"]["failed"] == ["optimized_san_mas500", "pgd_linf_acc_eps0.005",
-                                                      "pgd_l2_acc_eps0.5"]
+    assert gated["hardened"]["covid2d"]["failed"] == ["optimized_san_mas500", "robust_linf_acc_eps0.005",
+                                                      "robust_l2_acc_eps0.5"]
     on_disk = json.loads((tmp_path / "metrics" / "gate.json").read_text())
-    row = on_disk["baseline"]["nodule3d"]["criteria"]["pgd_l2_acc_eps1"]
+    row = on_disk["baseline"]["nodule3d"]["criteria"]["robust_l2_acc_eps1"]
     lower = proportion_interval(150, 400, sided="lower").lower
     upper = proportion_interval(150, 400, sided="upper").upper
-    assert row == {"metric": "robust_pgd_l2_acc_eps1", "description": row["description"], "op": ">=",
+    assert row == {"metric": "robust_ensemble_l2_acc_eps1", "description": row["description"], "op": ">=",
                    "threshold": 0.7, "value": 0.375, "passed": False, "kind": "robust_accuracy", "decision": "fail",
                    "lower": pytest.approx(lower), "upper": pytest.approx(upper), "k": 150, "n": 400,
                    "confidence": 0.95, "method": "clopper-pearson", "samples_to_decide": None, "note": None}
-    assert on_disk["hardened"]["covid2d"]["primary"]["criterion"] == "pgd_linf_acc_eps0.005"
+    assert on_disk["hardened"]["covid2d"]["primary"]["criterion"] == "robust_linf_acc_eps0.005"
 
 
 def test_at_the_runs_own_sample_sizes_most_criteria_are_inconclusive(tmp_path: Path) -> None:
@@ -161,16 +161,16 @@ def test_gate_cli_prints_the_table_and_exits_by_verdict(tmp_path: Path) -> None:
 
     r = gate("--variant", "baseline")
     assert r.returncode == 1, r.stdout + r.stderr
-    assert "pgd_l2_acc_eps1" in r.stdout and "150/400" in r.stdout and "FAIL" in r.stdout and "FAILED" in r.stdout
+    assert "robust_l2_acc_eps1" in r.stdout and "150/400" in r.stdout and "FAIL" in r.stdout and "FAILED" in r.stdout
     assert r.stderr.strip().startswith("error: gate failed: nodule3d (baseline) fail") and "Traceback" not in r.stderr
     assert gate("--variant", "baseline", "--no-fail").returncode == 0
     r = gate()  # auto: the hardened models, since they were evaluated
     assert r.returncode == 0 and "PASSED" in r.stdout, r.stdout + r.stderr
     assert set(json.loads((tmp_path / "metrics" / "gate.json").read_text())) == {"baseline", "hardened"}
-    r = subprocess.run([*CLI, *args, "gate", "plan", "nodule3d", "--expected", "pgd_linf_acc_eps0.005=0.8"],
+    r = subprocess.run([*CLI, *args, "gate", "plan", "nodule3d", "--expected", "robust_linf_acc_eps0.005=0.8"],
                        capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "| `pgd_linf_acc_eps0.005` | >= 0.7 | 0.8 | given |" in r.stdout
+    assert "| `robust_linf_acc_eps0.005` | >= 0.7 | 0.8 | given |" in r.stdout
     assert "last evaluation" not in r.stdout or "| 400 |" in r.stdout
     r = subprocess.run([*CLI, *args, "gate", "plan", "--expected", "nope=1"], capture_output=True, text=True,
                        env=env, timeout=120)
@@ -183,11 +183,11 @@ def test_unmeasured_metric_fails_its_criterion(tmp_path: Path) -> None:
     write_evaluation(params, "hardened", "nodule3d", model, None)
     metrics = tmp_path / "metrics" / "robustness_hardened.json"
     data = json.loads(metrics.read_text())
-    del data["nodule3d"]["headline"]["robust_pgd_l2_acc_eps1"]  # e.g. an ε missing from the PGD grid
+    del data["nodule3d"]["headline"]["robust_ensemble_l2_acc_eps1"]  # e.g. an ε missing from the PGD grid
     metrics.write_text(json.dumps(data))
     rec = gate_stage.run(params, "hardened").record["hardened"]["nodule3d"]
-    assert not rec["passed"] and rec["failed"] == ["pgd_l2_acc_eps1"]
-    assert rec["criteria"]["pgd_l2_acc_eps1"]["value"] is None
+    assert not rec["passed"] and rec["failed"] == ["robust_l2_acc_eps1"]
+    assert rec["criteria"]["robust_l2_acc_eps1"]["value"] is None
 
 
 def test_gate_settings_are_validated(tmp_path: Path) -> None:
@@ -206,7 +206,7 @@ def test_gate_settings_are_validated(tmp_path: Path) -> None:
     # null disables a criterion
     params = default_params(tmp_path)
     params["gate"]["jobs"]["nodule3d"]["min_robust_accuracy"]["l2"][1.0] = None
-    assert "pgd_l2_acc_eps1" not in [c.name for c in gate_settings(params, "nodule3d").criteria]
+    assert "robust_l2_acc_eps1" not in [c.name for c in gate_settings(params, "nodule3d").criteria]
 
 
 # -- registry promotion -------------------------------------------------------------------------------
@@ -283,7 +283,7 @@ def write_outcomes(params: dict[str, Any], variant: str, model: Path, run_id: st
     k = round(acc * SAMPLES)
     out = {"job": "nodule3d", "variant": variant, "dataset_hash": fixture(variant)["nodule3d"]["dataset_hash"],
            "model_sha256": sha256_file(model), "clean": {"ids": ids, "y": y, "score": score.tolist()},
-           "pgd_linf": {"ids": ids, "broken": {"0.005": [i >= k for i in range(SAMPLES)]}}}
+           "ensemble_linf": {"ids": ids, "broken": {"0.005": [i >= k for i in range(SAMPLES)]}}}
     path = atomic_write_json(outcomes_path(params, variant, "nodule3d"), out)
     if run_id is not None:
         with mlflow.start_run(run_id=run_id):
@@ -300,8 +300,8 @@ def _gate_and_register(params: dict[str, Any], variant: str, model: Path, run_id
     from ctharden.stages import register as register_stage
 
     write_evaluation(params, variant, "nodule3d", model, run_id, **changes)
-    acc = changes.get("robust_pgd_linf_acc_eps0.005", fixture(variant)["nodule3d"]["headline"][
-        "robust_pgd_linf_acc_eps0.005"])
+    acc = changes.get("robust_ensemble_linf_acc_eps0.005", fixture(variant)["nodule3d"]["headline"][
+        "robust_ensemble_linf_acc_eps0.005"])
     _client(params)  # the tracking store of these params
     write_outcomes(params, variant, model, run_id, acc, scores)
     gate_stage.run(params, variant, ["nodule3d"])
@@ -314,7 +314,7 @@ def test_failed_gate_registers_nothing(registry_params: dict[str, Any], tmp_path
     model, run_id = write_model(tmp_path, "baseline", 1, log=True, params=params)
     out = _gate_and_register(params, "baseline", model, run_id)
     (o,) = out["jobs"]["nodule3d"]
-    assert o["status"] == "rejected" and "pgd_l2_acc_eps1 fail: 0.375 on 150/400" in o["reason"], o["reason"]
+    assert o["status"] == "rejected" and "robust_l2_acc_eps1 fail: 0.375 on 150/400" in o["reason"], o["reason"]
     client = _client(params)
     name = gate_settings(params, "nodule3d").model_name
     assert client.search_model_versions(f"name = '{name}'") == []
@@ -366,7 +366,7 @@ def test_promotion_rules_idempotence_and_champion_loads(registry_params: dict[st
     low = proportion_interval(388, 400, sided="lower").lower
     assert tags["ctharden.gate"] == "passed"
     want = f"0.96875 (one-sided 95 % bound {low:.4g}, 388/400) >= 0.7: pass"
-    assert tags["ctharden.gate.pgd_linf_acc_eps0.005"] == want
+    assert tags["ctharden.gate.robust_linf_acc_eps0.005"] == want
     assert tags["ctharden.gate.optimized_san_mas500"].startswith("12.5 (one-sided 95 % bound 15.")
     assert tags["ctharden.dataset_hash"] == fixture("hardened")["nodule3d"]["dataset_hash"]
     assert len(tags["ctharden.git_sha"]) == 40 and tags["ctharden.params_hash"] == params_hash(params)
@@ -383,20 +383,20 @@ def test_promotion_rules_idempotence_and_champion_loads(registry_params: dict[st
     # better on the primary criterion by the paired test (6 samples only it survives, none only the
     # champion: exact McNemar p = 0.5^6), same clean scores: champion moves
     m2, r2 = write_model(tmp_path, "v2", 2, log=True, params=params)
-    o2 = _gate_and_register(params, "hardened", m2, r2, **{"robust_pgd_linf_acc_eps0.005": 0.985,
+    o2 = _gate_and_register(params, "hardened", m2, r2, **{"robust_ensemble_linf_acc_eps0.005": 0.985,
                                                           "robust_clean_test_auc": 0.985})["jobs"]["nodule3d"][0]
     assert o2["version"] == "2" and o2["promoted"] and o2["aliases"] == ["challenger", "champion"]
     assert "6 samples only the new version survives, 0 only the champion, of 400" in o2["champion_decision"]
     # a better point value that the paired test cannot tell from chance (2 discordant pairs): kept
     m3, r3 = write_model(tmp_path, "v3", 3, log=True, params=params)
-    o3 = _gate_and_register(params, "hardened", m3, r3, **{"robust_pgd_linf_acc_eps0.005": 0.99,
+    o3 = _gate_and_register(params, "hardened", m3, r3, **{"robust_ensemble_linf_acc_eps0.005": 0.99,
                                                           "robust_clean_test_auc": 0.985})["jobs"]["nodule3d"][0]
     assert o3["version"] == "3" and not o3["promoted"] and o3["aliases"] == ["challenger"]
     assert "not significantly better" in o3["champion_decision"]
     # significantly better on the primary criterion but clean scores no better than chance: kept
     m4, r4 = write_model(tmp_path, "v4", 4, log=True, params=params)
     o4 = _gate_and_register(params, "hardened", m4, r4, scores="random",
-                            **{"robust_pgd_linf_acc_eps0.005": 1.0})["jobs"]["nodule3d"][0]
+                            **{"robust_ensemble_linf_acc_eps0.005": 1.0})["jobs"]["nodule3d"][0]
     assert o4["version"] == "4" and not o4["promoted"] and "not non-inferior" in o4["champion_decision"]
     assert str(client.get_model_version_by_alias(name, "champion").version) == "2"  # nothing beat v2
     assert str(client.get_model_version_by_alias(name, "challenger").version) == "4"
@@ -421,7 +421,7 @@ def test_stale_gate_record_is_refused(tmp_path: Path, monkeypatch: pytest.Monkey
     model, run_id = write_model(tmp_path, "m", 1, log=True, params=params)
     write_evaluation(params, "hardened", "nodule3d", model, run_id)
     gate_stage.run(params, "hardened")
-    write_evaluation(params, "hardened", "nodule3d", model, run_id, **{"robust_pgd_linf_acc_eps0.005": 0.95})
+    write_evaluation(params, "hardened", "nodule3d", model, run_id, **{"robust_ensemble_linf_acc_eps0.005": 0.95})
     with pytest.raises(DataError, match="re-run `ctharden gate`"):
         register_stage.run(params)
     gate_stage.run(params, "hardened")
@@ -474,7 +474,7 @@ def test_ci_gate_on_a_two_commit_repository(tmp_path: Path) -> None:
     _git(repo, "checkout", "-q", "-b", "pr")
     os.chdir(repo)
     try:
-        write_evaluation(params, "hardened", "nodule3d", model, "r1", **{"robust_pgd_linf_acc_eps0.005": 0.875})
+        write_evaluation(params, "hardened", "nodule3d", model, "r1", **{"robust_ensemble_linf_acc_eps0.005": 0.875})
         write_outcome_file(params, "hardened", model, 0.875)
     finally:
         os.chdir(old)
@@ -483,10 +483,10 @@ def test_ci_gate_on_a_two_commit_repository(tmp_path: Path) -> None:
     assert r.returncode == 1, r.stdout + r.stderr
     md = (tmp_path / "pr.md").read_text()
     # decided by the paired test on the per-sample outcomes: 38 samples only the base survives, none only the head
-    assert "pgd_linf_acc_eps0.005 regressed 0.9688 -> 0.875 (paired McNemar p = 3.64e-12 < 0.05)" in r.stderr
-    assert ("| nodule3d | hardened | `pgd_linf_acc_eps0.005` | 0.9688 | 0.875 | 0.09375 | paired: 0 only head / "
+    assert "robust_linf_acc_eps0.005 regressed 0.9688 -> 0.875 (paired McNemar p = 3.64e-12 < 0.05)" in r.stderr
+    assert ("| nodule3d | hardened | `robust_linf_acc_eps0.005` | 0.9688 | 0.875 | 0.09375 | paired: 0 only head / "
             "38 only base of 400, McNemar p = 3.64e-12 | **REGRESSED** |") in md
-    assert "dvc metrics diff main" in md and "robust_pgd_linf_acc_eps0.005" in md, md  # dvc diff table
+    assert "dvc metrics diff main" in md and "robust_ensemble_linf_acc_eps0.005" in md, md  # dvc diff table
     assert "nodule3d | hardened | **gate** (95 % one-sided bounds) | | | | | **PASSED**" in md  # the gate passes
 
     r = subprocess.run([*CLI, "ci-gate", "--base", "nope"], cwd=repo, capture_output=True, text=True,

@@ -24,6 +24,7 @@ from ctharden.data.synthetic import generate_synthetic
 from ctharden.evaluation.headline import headline_metrics
 from ctharden.evaluation.robustness import stratified_subset
 from ctharden.evaluation.units import evaluate_robustness
+from ctharden.gate.criteria import check, gate_settings
 from ctharden.models import build_model
 from ctharden.stages.evaluate import write_job_figures, write_report
 from ctharden.training.loop import TrainConfig, train_fold
@@ -47,19 +48,29 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-@pytest.fixture(scope="module")
-def model(dataset: Path) -> nn.Module:
+def _trained(dataset: Path, epochs: int) -> nn.Module:
     torch.manual_seed(0)
     m = build_model("nodule3d", spatial_dims=3, window_hu=(-1000.0, 400.0), width=4)
     data = load_arrayset(dataset, m)
     train = data.subset(data.split == "train")
-    cfg = TrainConfig(seed=0, epochs=4, batch_size=8, lr=3e-3, shift_vox=0, rotate_deg=0, select_on="last")
+    cfg = TrainConfig(seed=0, epochs=epochs, batch_size=8, lr=3e-3, shift_vox=0, rotate_deg=0, select_on="last")
     from ctharden.core.device import select_runtime
 
     result = train_fold(m, train, None, cfg, select_runtime("cpu", "fp32"), dataset.parent / "ckpt" / "last.pt",
                         fold=0, data_hash="x", progress=False)
     m.load_state_dict(result.best_state)
     return m.eval()
+
+
+@pytest.fixture(scope="module")
+def model(dataset: Path) -> nn.Module:
+    return _trained(dataset, 4)
+
+
+@pytest.fixture(scope="module")
+def accurate_model(dataset: Path) -> nn.Module:
+    """Trained longer: 6 of the 8 test phantoms right (measured), so masking has something to hide."""
+    return _trained(dataset, 12)
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +140,8 @@ def test_report_files_exist_and_parse(evaluated: tuple[dict, dict, ArraySet], mo
     parser.feed(Path(out["html"]).read_text())
     text = " ".join(parser.text)
     assert parser.tags.count("table") >= 4 and parser.images >= 5
-    for needle in ("10 mAs", "500 mAs", "random", "optimized", "large_eps_chance", "Clean metrics", "ε (HU)"):
+    for needle in ("10 mAs", "500 mAs", "random", "optimized", "large_eps_chance", "Clean metrics", "ε (HU)",
+                   "Per-attack breakdown", "gradient_masking", "apgd-margin: broke / attacked", "100-PGD alone"):
         assert needle in text, needle
     md = Path(out["summary"]).read_text()
     assert md.count("|---|") >= 2 and "## tiny" in md
@@ -140,33 +152,77 @@ def test_report_files_exist_and_parse(evaluated: tuple[dict, dict, ArraySet], mo
     with open(tmp_path / "plots" / "robust_accuracy_linf.csv", newline="") as f:
         acc = list(csv.DictReader(f))
     assert float(acc[0]["eps"]) == 0.0 and float(acc[-1]["eps_hu"]) == pytest.approx(28.0)
+    assert float(acc[-1]["ensemble_accuracy"]) <= float(acc[-1]["accuracy"]) + 1e-9  # the worst case
     with open(tmp_path / "plots" / "sar_above_random_test.csv", newline="") as f:
         sar = list(csv.DictReader(f))
     assert len(sar) == 21 and set(sar[0]) == {"sar_level", "mas10", "mas100", "mas500"}
 
 
-class Rounding(nn.Module):
-    """Gradient masking: quantise the input to 8 levels before the classifier (zero gradient)."""
+class MaskedFront(nn.Module):
+    """Gradient masking in front of a trained classifier: ``round`` quantises the input to 8 levels
+    (zero gradient almost everywhere); ``saturate`` binarises it with a steep hard-tanh around the
+    mid-grey, 0.5 + 0.15·hardtanh(1000(x − 0.5)) (zero gradient outside |x − 0.5| < 0.001)."""
 
-    def __init__(self, net: nn.Module) -> None:
+    def __init__(self, net: nn.Module, kind: str = "round") -> None:
         super().__init__()
-        self.net = net
-        self.window_hu, self.spatial_dims, self.output, self.arch = net.window_hu, 3, net.output, "rounded"
+        self.net, self.kind = net, kind
+        self.window_hu, self.spatial_dims, self.output, self.arch = net.window_hu, 3, net.output, kind
 
     def to_input(self, raw: Tensor) -> Tensor:
         return self.net.to_input(raw)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.net(torch.round(x * 8) / 8)
+        if self.kind == "round":
+            return self.net(torch.round(x * 8) / 8)
+        return self.net(0.5 + 0.15 * nn.functional.hardtanh(1000 * (x - 0.5)))
 
 
 def test_evaluation_flags_a_gradient_masking_model(model: nn.Module, dataset: Path) -> None:
-    masked = Rounding(model)
+    masked = MaskedFront(model)
     data = load_arrayset(dataset, masked)
     cfg = {**SETTINGS, "pgd": {**SETTINGS["pgd"], "linf": [0.01, 0.05], "l2": []}, "examples": 0}
     result, _ = evaluate_robustness(masked, data, parse_settings(cfg), seed=1)
     assert result["sanity_passed"] is False
     assert "zero_gradient" in result["sanity"]["linf"]["flags"]
+
+
+MASK_GATE = {"gate": {"defaults": {
+    "min_clean_auc": None, "max_san_rate": {"random": {}, "optimized": {}},
+    "min_robust_accuracy": {"linf": {0.2: 0.10}, "l2": {}}, "sanity": True,
+    "primary": "robust_linf_acc_eps0.2"}, "jobs": {"masked": {}}}}
+
+
+@pytest.mark.parametrize("kind", ["round", "saturate"])
+def test_pgd_alone_calls_a_masked_model_robust_the_ensemble_does_not_and_the_gate_fails_it(
+    accurate_model: nn.Module, dataset: Path, kind: str
+) -> None:
+    masked = MaskedFront(accurate_model, kind).eval()
+    data = load_arrayset(dataset, masked)
+    cfg = {**SETTINGS, "pgd": {**SETTINGS["pgd"], "linf": [0.2], "l2": [], "square_queries": 1000}, "examples": 0,
+           "splits": ["test"], "mas_levels": [500], "random": {"k": 1}, "optimized": {"restarts": 1, "n_iter": 1,
+                                                                                     "max_samples": 2}}
+    result, _ = evaluate_robustness(masked, data, parse_settings(cfg), seed=1)
+    c = result["pgd"]["linf"]
+    ens = c["ensemble"]
+    assert ens["attacks"] == ["pgd", "apgd-ce", "apgd-margin", "square"]
+    clean_ok = c["survived"][0]
+    assert clean_ok >= 5, c  # the masked model still classifies most of the 8 attacked samples
+    # PGD and APGD see no gradient: PGD alone reports the model (nearly) as robust as it is accurate
+    assert c["survived"][1] >= clean_ok - 1, c
+    assert ens["per_attack"]["apgd-ce"]["broken"][0] + ens["per_attack"]["apgd-margin"]["broken"][0] <= 1
+    # the black-box member breaks what the gradients could not (measured at ε 0.2 on 8 samples:
+    # rounded, PGD 5 of 6 survive, ensemble 0; saturated, PGD 6 of 6, ensemble 2): far lower
+    assert ens["masked"][0] == ens["per_attack"]["square"]["broken"][0] >= 3, ens
+    assert ens["survived"][1] <= c["survived"][1] - 3, ens
+    check_row = next(ch for ch in result["sanity"]["linf"]["checks"] if ch["name"] == "gradient_masking")
+    assert check_row["passed"] is False and "gradient masking suspected" in check_row["detail"]["message"]
+    headline = headline_metrics(result)
+    assert headline["robust_pgd_linf_acc_eps0.2"] > headline["robust_ensemble_linf_acc_eps0.2"]
+    verdict = check(headline, gate_settings(MASK_GATE, "masked"), result["intervals"])
+    assert verdict["verdict"] == "fail" and "sanity" in verdict["failed"]
+    row = verdict["criteria"]["robust_linf_acc_eps0.2"]
+    assert row["metric"] == "robust_ensemble_linf_acc_eps0.2" and row["n"] == 8
+    assert row["k"] == ens["survived"][1]
 
 
 def test_stratified_subset_keeps_class_shares() -> None:

@@ -33,7 +33,7 @@ broke, ``x_adv`` is the candidate (clean input or a member's output) with the hi
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,12 +56,14 @@ from ctharden.attacks.common import (
 )
 from ctharden.attacks.losses import AttackError, margin_loss
 from ctharden.attacks.pgd import pgd
-from ctharden.attacks.sanity import BUDGET_TOL
+from ctharden.attacks.sanity import BUDGET_TOL, make_check
 from ctharden.attacks.square import square_attack_result
+from ctharden.config.choices import ENSEMBLE_ATTACKS as ENSEMBLE_ATTACKS
 
-ENSEMBLE_ATTACKS: tuple[str, ...] = ("pgd", "apgd-ce", "apgd-margin", "square")
 DEFAULT_ATTACKS: tuple[str, ...] = ENSEMBLE_ATTACKS
 GRADIENT_ATTACKS: tuple[str, ...] = ("pgd", "apgd-ce", "apgd-margin")
+#: The sanity check this module adds to :data:`ctharden.attacks.sanity.CHECKS`.
+MASKING_CHECK = "gradient_masking"
 
 
 @dataclass
@@ -102,6 +104,15 @@ class EnsembleResult:
     def masking_suspect(self) -> bool:
         """True when Square broke a sample that every gradient attack failed on."""
         return bool(self.masking.any())
+
+    def select(self, sl: slice) -> EnsembleResult:
+        """The result of the samples ``sl`` (e.g. one ε of :func:`ensemble_sweep`)."""
+        return EnsembleResult(
+            x_adv=self.x_adv[sl], broken=self.broken[sl], clean_correct=self.clean_correct[sl],
+            attacked={k: v[sl] for k, v in self.attacked.items()},
+            broken_by={k: v[sl] for k, v in self.broken_by.items()},
+            masking=self.masking[sl], queries=self.queries[sl], norm=self.norm, eps=self.eps[sl],
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable summary: accuracies, per-member counts, the masked sample indices."""
@@ -186,6 +197,7 @@ def attack_ensemble(
     generator: torch.Generator | None = None,
     autocast: bool = False,
     batch_size: int | None = None,
+    pgd_x_adv: Tensor | None = None,
 ) -> EnsembleResult:
     """Run the ensemble (see the module doc) and return the per-sample worst case.
 
@@ -201,6 +213,9 @@ def attack_ensemble(
         generator: random source shared by the members (default: torch's global RNG).
         autocast: bf16 autocast for the gradient members' ascent (verdicts stay fp32).
         batch_size: attack at most this many samples at once; None = all at once.
+        pgd_x_adv: ``(N, ...)`` outputs of a PGD run with these settings made earlier (the
+            evaluation's sanity sweep); the ``pgd`` member then takes them instead of attacking
+            again. They are re-decided and budget-checked like every member's output.
     """
     check_choice("norm", norm, NORMS)
     names = _members(attacks)
@@ -212,6 +227,8 @@ def attack_ensemble(
     n, device = x.shape[0], x.device
     labels = check_labels(y, n, device)
     eps_t = per_sample("eps", eps, n, device)
+    if pgd_x_adv is not None and tuple(pgd_x_adv.shape) != tuple(x.shape):
+        raise AttackError(f"pgd_x_adv has shape {tuple(pgd_x_adv.shape)}, x has {tuple(x.shape)}")
     x_ref = x.detach().clamp(*clip_range) if clip_range is not None else x.detach()
     attacked: dict[str, Tensor] = {}
     broken_by: dict[str, Tensor] = {}
@@ -230,7 +247,9 @@ def attack_ensemble(
             idx = todo.nonzero().squeeze(1)
             if idx.numel() > 0:
                 xs, ys, es = x_ref[idx], labels[idx], eps_t[idx]
-                if name == "pgd":
+                if name == "pgd" and pgd_x_adv is not None:
+                    xa = pgd_x_adv[idx].to(x_ref.dtype)
+                elif name == "pgd":
                     xa, _ = pgd(model, xs, ys, es, steps=steps, restarts=restarts, loss="both",
                                 autocast=autocast, early_stop=True, **common)
                 elif name in ("apgd-ce", "apgd-margin"):
@@ -256,4 +275,58 @@ def attack_ensemble(
     return EnsembleResult(
         x_adv=x_adv, broken=final, clean_correct=clean_correct, attacked=attacked, broken_by=broken_by,
         masking=masking.clone(), queries=queries, norm=norm, eps=eps_t,
+    )
+
+
+def ensemble_sweep(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    eps_values: Sequence[float],
+    *,
+    pgd_x_adv: Mapping[float, Tensor] | None = None,
+    **kwargs: Any,
+) -> dict[float, EnsembleResult]:
+    """:func:`attack_ensemble` at every ε in one batched call: ``x`` ``(N, ...)`` repeated once per
+    ε with a per-sample ε (independent samples, so this equals one ensemble per ε up to the random
+    draws). ``pgd_x_adv[ε]``: earlier PGD outputs ``(N, ...)`` at that ε (all ε or none).
+    Returns ``{ε: EnsembleResult of the N samples}``; ``kwargs`` go to :func:`attack_ensemble`."""
+    values = [float(e) for e in eps_values]
+    if not values:
+        return {}
+    n, m = x.shape[0], len(values)
+    xs = x.repeat(m, *([1] * (x.dim() - 1)))
+    ys = torch.as_tensor(y, device=x.device).repeat(m)
+    eps = torch.tensor(values, dtype=torch.float32, device=x.device).repeat_interleave(n)
+    prior = None
+    if pgd_x_adv is not None:
+        missing = [e for e in values if e not in pgd_x_adv]
+        if missing:
+            raise AttackError(f"pgd_x_adv has no PGD outputs at ε {missing}")
+        prior = torch.cat([pgd_x_adv[e].to(x.device) for e in values])
+    res = attack_ensemble(model, xs, ys, eps, pgd_x_adv=prior, **kwargs)
+    return {e: res.select(slice(i * n, (i + 1) * n)) for i, e in enumerate(values)}
+
+
+def check_gradient_masking(results: Mapping[float, EnsembleResult]) -> dict[str, Any]:
+    """``gradient_masking``: the black-box member (Square) broke no sample that every gradient
+    member failed on, at any ε. Fails too when the ensemble had no Square or no gradient member
+    (then nothing checked for masking, and a masked model could pass unseen)."""
+    eps = sorted(results)
+    members = list(results[eps[0]].broken_by) if eps else []
+    if "square" not in members or not any(a in GRADIENT_ATTACKS for a in members):
+        return make_check(
+            MASKING_CHECK, False, float("nan"),
+            f"not checked: the attack ensemble {members} needs Square and a gradient attack to detect masking",
+            eps=eps, masked=[], attacks=members,
+        )
+    masked = [int(results[e].masking.sum()) for e in eps]
+    n = results[eps[0]].n
+    worst = max(masked)
+    return make_check(
+        MASKING_CHECK, worst == 0, worst / n if n else 0.0,
+        "no sample broken by Square survived every gradient attack" if worst == 0 else
+        f"gradient masking suspected: Square broke {worst} of {n} samples that PGD and APGD did not "
+        f"(at ε {eps[masked.index(worst)]:g}); the white-box numbers are not trustworthy",
+        eps=eps, masked=masked, n=n, attacks=members,
     )

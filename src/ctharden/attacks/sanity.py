@@ -96,12 +96,15 @@ class SanityReport:
         settings: the arguments the checks ran with.
         broken: per ε of the curve (ε > 0), bool ``(N,)``: which samples the PGD run broke (fp32
             decisions; per-sample outcomes for paired comparisons; not part of :meth:`to_dict`).
+        x_adv: per ε of the curve (ε > 0), the PGD outputs ``(N, ...)`` (what the attack ensemble
+            starts from; not part of :meth:`to_dict`).
     """
 
     checks: list[dict[str, Any]]
     curve: dict[str, list[float]] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)
     broken: dict[float, Tensor] = field(default_factory=dict)
+    x_adv: dict[float, Tensor] = field(default_factory=dict)
 
     @property
     def passed(self) -> bool:
@@ -137,7 +140,8 @@ class SanityReport:
         return "\n".join(lines)
 
 
-def _check(name: str, passed: bool, value: float, message: str, **data: Any) -> dict[str, Any]:
+def make_check(name: str, passed: bool, value: float, message: str, **data: Any) -> dict[str, Any]:
+    """One check record: ``{name, passed, value, detail: {message, **data}}``."""
     detail = {"message": message, **data}
     return {"name": name, "passed": bool(passed), "value": float(value), "detail": detail}
 
@@ -287,7 +291,7 @@ def check_budget(x: Tensor, runs: Runs, fgsm_runs: Runs, attack_eps: Sequence[fl
             ex, out = _budget_excess(xa, x, e, norm, clip_range)
             excess, outside = max(excess, ex), max(outside, out)
             within = within and ex <= BUDGET_TOL * max(1.0, e)
-    return _check(
+    return make_check(
         "budget", within and outside == 0.0, max(excess, outside),
         f"largest norm excess over ε {excess:.3g}, largest distance outside the clip range {outside:.3g}",
         norm_excess=excess, clip_excess=outside,
@@ -298,7 +302,7 @@ def check_monotone_eps(curve: dict[str, list[float]], tolerance: float) -> dict[
     """``monotone_eps``: robust accuracy does not rise with ε by more than ``tolerance``."""
     accs = curve["accuracy"]
     rise = max([0.0] + [accs[i + 1] - accs[i] for i in range(len(accs) - 1)])
-    return _check(
+    return make_check(
         "monotone_eps", rise <= tolerance, rise,
         f"largest rise of robust accuracy with ε: {rise:.3f} (tolerance {tolerance})",
         eps=curve["eps"], accuracy=[_r(a) for a in accs],
@@ -313,7 +317,7 @@ def check_large_eps_chance(x: Tensor, y: Tensor, pred: Tensor, acc_big: float, b
     chance = float(shares.max())
     reachable = _reachable_bound(x, y, pred, big, norm, clip_range)
     target = min(chance, reachable)
-    return _check(
+    return make_check(
         "large_eps_chance", acc_big <= target + tolerance, acc_big,
         f"robust accuracy {acc_big:.3f} at ε={big:.4g}; must be <= {target:.3f} + {tolerance} "
         f"(chance {chance:.3f}, not trivially breakable {reachable:.3f})",
@@ -325,7 +329,7 @@ def check_pgd_vs_fgsm(runs: Runs, fgsm_runs: Runs, attack_eps: Sequence[float]) 
     """``pgd_vs_fgsm``: no sample is broken by FGSM but not by PGD, at any ε."""
     fgsm_only = {e: int((fgsm_runs[e][1] & ~runs[e][1]).sum()) for e in attack_eps}
     worst = max(fgsm_only.values())
-    return _check(
+    return make_check(
         "pgd_vs_fgsm", worst == 0, worst,
         f"samples broken by FGSM but not by PGD: {worst} at worst "
         f"(FGSM success {[_r(float(fgsm_runs[e][1].float().mean())) for e in attack_eps]})",
@@ -340,7 +344,7 @@ def check_convergence(model: nn.Module, x: Tensor, y: Tensor, eps: float, base_s
     _, broken2, _ = _pgd_traced(model, x, y, eps, **setup.kwargs(scale=2))
     success2 = float(broken2.float().mean())
     change = abs(success2 - base_success)
-    return _check(
+    return make_check(
         "convergence", change <= tolerance, change,
         f"success {base_success:.3f} with {setup.steps} steps x {setup.restarts} restarts, {success2:.3f} with "
         f"{2 * setup.steps} x {2 * setup.restarts} at ε={eps:.4g}",
@@ -364,7 +368,7 @@ def check_loss_increase(traces: list[RunTrace], eps: float, steps: int, min_loss
         name: [_r(v) for v in next(t for t in traces if t.loss == name).best_curve[::stride]]
         for name in gains
     }
-    return _check(
+    return make_check(
         "loss_increase", up_share >= min_loss_up_share and all(g >= 0 for g in gains.values()), up_share,
         f"loss rose along PGD for {up_share:.1%} of samples (need {min_loss_up_share:.0%}); "
         f"mean gain {', '.join(f'{k} {v:.3g}' for k, v in sorted(gains.items()))} at ε={eps:.4g}",
@@ -381,7 +385,7 @@ def check_zero_gradient(model: nn.Module, x: Tensor, y: Tensor, output: str | No
         g = _input_gradient(model, x, y, name, output).flatten(1)
         bad = (g == 0).all(1) | (~torch.isfinite(g)).any(1)
         zero_share[name] = float(bad.float().mean())
-    return _check(
+    return make_check(
         "zero_gradient", zero_share["margin"] <= max_zero_grad_share, zero_share["margin"],
         f"{zero_share['margin']:.1%} of samples have an all-zero or non-finite input gradient "
         f"(margin loss; CE: {zero_share['ce']:.1%}); limit {max_zero_grad_share:.0%}",
@@ -400,7 +404,7 @@ def check_random_vs_gradient(model: nn.Module, x: Tensor, y: Tensor, runs: Runs,
         random_only.append(float((rb & ~runs[e][1]).float().mean()))
         random_rate.append(float(rb.float().mean()))
     worst_random = max(random_only)
-    return _check(
+    return make_check(
         "random_vs_gradient", worst_random <= tolerance, worst_random,
         f"share of samples broken by random noise ({n_random} draws) but not by PGD: {worst_random:.3f} "
         f"at worst (tolerance {tolerance})",
@@ -507,7 +511,8 @@ def run_sanity_checks(
         "n": int(x.shape[0]), "autocast": setup.bf16, "early_stop": bool(early_stop),
     }
     broken = {e: runs[e][1].detach().cpu() for e in attack_eps}
-    return SanityReport(checks=checks, curve=curve, settings=settings, broken=broken)
+    x_adv = {e: runs[e][0].detach() for e in eps_values}
+    return SanityReport(checks=checks, curve=curve, settings=settings, broken=broken, x_adv=x_adv)
 
 
 def pgd_accuracy(

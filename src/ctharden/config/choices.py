@@ -18,6 +18,11 @@ NORMS: tuple[str, ...] = get_args(Norm)
 AttackLoss = Literal["ce", "margin", "both"]
 ATTACK_LOSSES: tuple[str, ...] = get_args(AttackLoss)
 
+#: Members of the white-box + black-box attack ensemble (:mod:`ctharden.attacks.ensemble`), in run
+#: order: PGD (CE and margin runs), Auto-PGD with each loss, the score-based Square Attack.
+EnsembleAttack = Literal["pgd", "apgd-ce", "apgd-margin", "square"]
+ENSEMBLE_ATTACKS: tuple[str, ...] = get_args(EnsembleAttack)
+
 #: The two NPS-noise attacks (random draws, Algorithm 1's optimised perturbation).
 NpsAttack = Literal["random", "optimized"]
 NPS_ATTACKS: tuple[str, ...] = get_args(NpsAttack)

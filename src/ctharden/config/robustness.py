@@ -53,6 +53,9 @@ class PGDSettings:
     autocast: bool = True
     tolerance: float = 0.05  # sanity-check slack (shares of samples)
     n_random: int = 10  # random draws per ε in the random-vs-gradient check
+    #: the attack ensemble at every listed ε (robust accuracy = worst case over the members)
+    attacks: tuple[str, ...] = choices.ENSEMBLE_ATTACKS
+    square_queries: int = 1000  # Square's query budget per sample
 
 
 @dataclass(frozen=True)
@@ -95,6 +98,7 @@ class RobustnessSettings:
         if self.noise_mode == "additive":
             del out["noise_mode"]
         out["planned"] = list(self.planned)
+        out["pgd"]["attacks"] = list(self.pgd.attacks)
         return out
 
     def with_caps(self, caps: dict[str, int | None]) -> RobustnessSettings:
@@ -145,7 +149,8 @@ def parse_settings(cfg: dict[str, Any]) -> RobustnessSettings:
                                     max_samples=cap(opt.max_samples), batch_size=opt.batch_size, autocast=opt.autocast),
         pgd=PGDSettings(linf=sorted(set(pgd.linf or ())), l2=sorted(set(pgd.l2 or ())), steps=pgd.steps,
                         restarts=pgd.restarts, loss=pgd.loss, max_samples=cap(pgd.max_samples), autocast=pgd.autocast,
-                        tolerance=pgd.tolerance, n_random=pgd.n_random),
+                        tolerance=pgd.tolerance, n_random=pgd.n_random, attacks=tuple(pgd.attacks),
+                        square_queries=pgd.square_queries),
         examples=m.examples,
         intervals=IntervalSettings(level=m.intervals.level, method=m.intervals.method,
                                    bootstrap=m.intervals.bootstrap),

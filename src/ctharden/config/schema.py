@@ -21,7 +21,7 @@ import types
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, TypeVar, Union, cast, get_args, get_origin
 
 import yaml
 from pydantic import (
@@ -40,8 +40,10 @@ from pydantic_core import PydanticCustomError
 
 from ctharden.config.choices import (
     DEVICES,
+    ENSEMBLE_ATTACKS,
     NOUNS,
     AttackLoss,
+    EnsembleAttack,
     GateKind,
     HardenMethod,
     IntervalMethod,
@@ -310,6 +312,16 @@ class PgdBlock(_Model):
     autocast: StrictBool = True
     tolerance: PosNumber = 0.05
     n_random: PosInt = 10
+    attacks: list[EnsembleAttack] = Field(default_factory=lambda: cast("list[EnsembleAttack]", list(ENSEMBLE_ATTACKS)),
+                                         min_length=1)
+
+    @field_validator("attacks")
+    @classmethod
+    def _distinct_attacks(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"lists an attack twice: {v}")
+        return v
+    square_queries: PosInt = 1000
 
 
 class NoiseSettings(_Model):

@@ -29,6 +29,7 @@ from ctharden.evaluation.headline import (
     CLEAN_TEST_AUC,
     NPS_RESULT_KEYS,
     clean_metric_name,
+    ensemble_accuracy_name,
     pgd_accuracy_name,
     san_rate_name,
 )
@@ -66,11 +67,15 @@ def nps_intervals(result: Mapping[str, Any], level: float, method: str) -> dict[
 
 
 def pgd_intervals(result: Mapping[str, Any], level: float, method: str) -> dict[str, dict[str, Any]]:
-    """Robust-accuracy intervals per norm and ε (ε = 0 is the clean accuracy of the attacked subset)."""
+    """Robust-accuracy intervals per norm and ε, PGD alone and the ensemble's worst case (ε = 0 is
+    the clean accuracy of the attacked subset)."""
     out: dict[str, dict[str, Any]] = {}
     for norm, c in result["pgd"].items():
         for e, k in zip(c["eps"], c["survived"], strict=True):
             out[pgd_accuracy_name(norm, e)] = _rate(k, c["n"], level, method)
+        if "ensemble" in c:
+            for e, k in zip(c["eps"], c["ensemble"]["survived"], strict=True):
+                out[ensemble_accuracy_name(norm, e)] = _rate(k, c["n"], level, method)
     return out
 
 

@@ -32,6 +32,12 @@ def pgd_accuracy_name(norm: str, eps: float) -> str:
     return f"robust_pgd_{norm}_acc_eps{eps:g}"
 
 
+def ensemble_accuracy_name(norm: str, eps: float) -> str:
+    """Robust accuracy at ``eps`` for ``norm``: the worst case per sample over the attack ensemble
+    (PGD, APGD-CE, APGD-margin, Square; :mod:`ctharden.attacks.ensemble`) — what the gate reads."""
+    return f"robust_ensemble_{norm}_acc_eps{eps:g}"
+
+
 def pgd_area_name(norm: str) -> str:
     """Normalised area under the 100-PGD accuracy-vs-ε curve for ``norm``."""
     return f"robust_pgd_{norm}_auc"
@@ -48,6 +54,9 @@ def headline_metrics(result: Mapping[str, Any]) -> dict[str, float]:
         out[pgd_area_name(norm)] = float(c["auc"])
         for e, a in zip(c["eps"], c["accuracy"], strict=True):
             out[pgd_accuracy_name(norm, e)] = float(a)
+        if "ensemble" in c:
+            for e, a in zip(c["eps"], c["ensemble"]["accuracy"], strict=True):
+                out[ensemble_accuracy_name(norm, e)] = float(a)
     out[SANITY_PASSED] = float(result["sanity_passed"])
     if result["clean"].get("test", {}).get("auc") is not None:
         out[CLEAN_TEST_AUC] = float(result["clean"]["test"]["auc"])

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,7 @@ from ctharden.attacks import (
     run_sanity_checks,
 )
 from ctharden.attacks.common import attack_mode
+from ctharden.attacks.ensemble import ENSEMBLE_ATTACKS, check_gradient_masking, ensemble_sweep
 from ctharden.attacks.nps import InputMap, NPSAttackResult
 from ctharden.attacks.nps_metrics import sar_above_curve
 from ctharden.attacks.pgd import normalized_area, predict_broken
@@ -246,11 +248,44 @@ def pgd_samples(data: ArraySet, settings: RobustnessSettings, seed: int) -> np.n
     return picked
 
 
+def ensemble_block(model: nn.Module, x: Tensor, y: Tensor, eps: Sequence[float], settings: RobustnessSettings,
+                   norm: str, report: Any, clean_broken: Tensor, *, seed: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The attack ensemble (``pgd.attacks``) at every listed ε on the PGD samples ``x`` ``(N, ...)``,
+    starting from the sanity sweep's PGD outputs: ``(block, outcomes)``. ``block``: per ε (ε = 0
+    first: the clean fp32 decision) the worst-case accuracy and survivors, per member the samples
+    it attacked and broke, the samples only Square broke (``masked``), and the seconds it took.
+    Appends the ``gradient_masking`` check to ``report``. Seeds its own generator from
+    ``(seed, 42, norm index)``."""
+    p = settings.pgd
+    g = torch.Generator(device=x.device).manual_seed(derive_seed(seed, 42, PGD_NORMS.index(norm)))
+    t0 = time.perf_counter()
+    runs = ensemble_sweep(
+        model, x, y, eps, pgd_x_adv=report.x_adv if "pgd" in p.attacks else None, norm=norm, attacks=p.attacks,
+        steps=p.steps, restarts=p.restarts, square_queries=p.square_queries, autocast=p.autocast, generator=g,
+    )
+    seconds = time.perf_counter() - t0
+    report.checks.append(check_gradient_masking(runs))
+    broken = {0.0: clean_broken, **{e: runs[e].broken.cpu() for e in eps}}
+    n = int(x.shape[0])
+    members = [a for a in ENSEMBLE_ATTACKS if a in p.attacks]
+    block = {
+        "attacks": members, "square_queries": p.square_queries if "square" in members else None,
+        "accuracy": [1.0 - float(broken[e].float().mean()) if n else 0.0 for e in [0.0, *eps]],
+        "survived": [int((~broken[e]).sum()) for e in [0.0, *eps]],
+        "per_attack": {a: {"attacked": [int(runs[e].attacked[a].sum()) for e in eps],
+                           "broken": [int(runs[e].broken_by[a].sum()) for e in eps]} for a in members},
+        "masked": [int(runs[e].masking.sum()) for e in eps],
+        "seconds": round(seconds, 2),
+    }
+    return block, {f"{e:g}": broken[e].tolist() for e in [0.0, *eps]}
+
+
 def pgd_norm_run(
     model: nn.Module, data: ArraySet, settings: RobustnessSettings, norm: str, *, seed: int,
     device: torch.device | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """100-PGD robust accuracy vs ε for one norm with every sanity check: ``(curve, sanity)``.
+    """100-PGD robust accuracy vs ε for one norm with every sanity check, and the attack ensemble's
+    worst case at every ε (``curve["ensemble"]``, :func:`ensemble_block`): ``(curve, sanity)``.
 
     Seeds torch's global RNG (the PGD starts) from ``(seed, 41, norm index)`` first."""
     dev = device or torch.device("cpu")
@@ -267,14 +302,17 @@ def pgd_norm_run(
     values = [0.0, *eps]
     accuracy = [acc[e] for e in values]
     broken = {0.0: predict_broken(model, x, y).cpu(), **{e: report.broken[e] for e in eps}}  # ε = 0: clean fp32
+    ensemble, ensemble_broken = ensemble_block(model, x, y, eps, settings, norm, report, broken[0.0], seed=seed)
     curve = {
         "eps": values, "eps_hu": _eps_hu(model, values, settings), "accuracy": accuracy,
         "survived": [int((~broken[e]).sum()) for e in values],
         "auc": normalized_area(values, accuracy), "n": int(len(sub)), "steps": p.steps, "restarts": p.restarts,
         "loss": p.loss, "large_eps": report.settings["large_eps"],
         "accuracy_large_eps": acc[report.settings["large_eps"]],
+        "ensemble": {**ensemble, "auc": normalized_area(values, ensemble["accuracy"])},
         OUTCOMES: {"ids": [data.sample_ids[int(i)] for i in sub],
-                   "broken": {f"{e:g}": broken[e].tolist() for e in values}},
+                   "broken": {f"{e:g}": broken[e].tolist() for e in values},
+                   "ensemble_broken": ensemble_broken},
     }
     return curve, report.to_dict()
 

@@ -163,7 +163,8 @@ def _without(block: dict[str, Any], key: str) -> dict[str, Any]:
 def outcomes_of(units: Sequence[EvalUnit], got: dict[EvalUnit, UnitResult], settings: RobustnessSettings
                 ) -> dict[str, Any]:
     """Per-sample outcomes on the test split, by sample id (the selected model): clean scores,
-    which samples each NPS attack flipped at each mAs and which each PGD run broke at each ε."""
+    which samples each NPS attack flipped at each mAs, which each PGD run broke at each ε
+    (``pgd_<norm>``) and which the attack ensemble broke (``ensemble_<norm>``, the gated worst case)."""
     clean = got[EvalUnit("clean")].value.get("test", {}).get(OUTCOMES)
     if clean is None:
         return {}
@@ -181,7 +182,9 @@ def outcomes_of(units: Sequence[EvalUnit], got: dict[EvalUnit, UnitResult], sett
             out[short] = {"ids": [ids[int(i)] for i in found[0].index], "flipped": flipped}
     for u in units:
         if u.kind == "pgd":
-            out[f"pgd_{u.norm}"] = got[u].value[0][OUTCOMES]
+            block = got[u].value[0][OUTCOMES]
+            out[f"pgd_{u.norm}"] = {"ids": block["ids"], "broken": block["broken"]}
+            out[f"ensemble_{u.norm}"] = {"ids": block["ids"], "broken": block["ensemble_broken"]}
     return out
 
 

@@ -4,7 +4,7 @@ pull-request regression check.
 Both models' per-sample outcomes (``metrics/outcomes/<variant>/<job>.json``, written by the
 evaluation) are paired by sample id. For a gated criterion a sample is *ok* when it survived:
 
-- ``pgd_<norm>_acc_eps<ε>``: not broken by the white-box attack at ε;
+- ``robust_<norm>_acc_eps<ε>``: not broken by any attack of the ensemble at ε;
 - ``<attack>_san_mas<mAs>``: not flipped by the NPS attack at that dose;
 
 and the two models differ only on the discordant pairs: ``b`` samples only the new model gets
@@ -35,16 +35,16 @@ from ctharden.core.errors import DataError
 from ctharden.evaluation.paired import auc_noninferior, mcnemar_exact, paired_outcomes
 from ctharden.gate.criteria import Criterion
 
-_PGD = re.compile(r"^pgd_(linf|l2)_acc_eps(.+)$")
+_ROBUST = re.compile(r"^robust_(linf|l2)_acc_eps(.+)$")
 _SAN = re.compile(r"^(random|optimized)_san_mas(.+)$")
 
 
 def survived(outcomes: Mapping[str, Any], c: Criterion) -> dict[str, bool] | None:
     """``{sample id: ok}`` of criterion ``c`` in an outcomes file (None: not a per-sample rate, or
     not in this file)."""
-    m = _PGD.match(c.name)
+    m = _ROBUST.match(c.name)
     if m:
-        block = outcomes.get(f"pgd_{m.group(1)}")
+        block = outcomes.get(f"ensemble_{m.group(1)}")
         flags = (block or {}).get("broken", {}).get(m.group(2))
         return None if flags is None else {i: not b for i, b in zip(block["ids"], flags, strict=True)}  # type: ignore[index]
     m = _SAN.match(c.name)

@@ -6,8 +6,11 @@ headline metric of the evaluation (:mod:`ctharden.evaluation.headline`, test spl
 - ``min_clean_auc``: clean test AUC ``>=`` the threshold;
 - ``max_san_rate.{random,optimized}.<mAs>``: SAN/N (% of test samples whose fp32 label flips under
   the NPS attack at that dose) ``<=`` the threshold;
-- ``min_robust_accuracy.{linf,l2}.<ε>``: 100-PGD robust accuracy at ε (model-input units) ``>=``;
-- ``sanity``: every sanity check of the evaluation passed (gradient masking, budget, convergence).
+- ``min_robust_accuracy.{linf,l2}.<ε>``: robust accuracy at ε (model-input units) ``>=``: the share
+  of attacked test samples that survive *every* member of the attack ensemble (PGD, APGD-CE,
+  APGD-margin, Square; AutoAttack's reporting rule), criterion ``robust_<norm>_acc_eps<ε>``;
+- ``sanity``: every sanity check of the evaluation passed (budget, convergence, and gradient
+  masking: a sample the black-box Square Attack breaks but no gradient attack does fails it).
 
 A threshold of ``null`` disables that criterion. A criterion whose metric the evaluation did not
 measure (e.g. an ε not in the PGD grid) fails: the gate never passes on a number it has not seen.
@@ -41,7 +44,7 @@ from ctharden.config import choices
 from ctharden.config.params import deep_merge, section
 from ctharden.config.schema import GateJob, job_path, validate_section
 from ctharden.core.errors import ConfigError, DataError
-from ctharden.evaluation.headline import CLEAN_TEST_AUC, SANITY_PASSED, pgd_accuracy_name, san_rate_name
+from ctharden.evaluation.headline import CLEAN_TEST_AUC, SANITY_PASSED, ensemble_accuracy_name, san_rate_name
 from ctharden.evaluation.intervals import proportion_interval, z_value
 from ctharden.gate.planner import auc_samples_needed, samples_needed
 from ctharden.reporting.report import bound_text
@@ -56,8 +59,8 @@ NORM_LABEL = {"linf": "L∞", "l2": "L2"}
 class Criterion:
     """One gated quantity: ``value(metric) op threshold`` with ``op`` ``">="`` or ``"<="``."""
 
-    name: str  # e.g. "pgd_linf_acc_eps0.01"
-    metric: str  # headline metric, e.g. "robust_pgd_linf_acc_eps0.01"
+    name: str  # e.g. "robust_linf_acc_eps0.01"
+    metric: str  # headline metric, e.g. "robust_ensemble_linf_acc_eps0.01"
     op: str
     threshold: float
     kind: str  # one of KINDS: which regression tolerance applies
@@ -147,8 +150,9 @@ def _criteria(cfg: GateJob) -> list[Criterion]:
     acc = {str(k): v for k, v in (cfg.min_robust_accuracy or {}).items()}
     for norm in NORMS:
         for eps, t in _levels(acc.get(norm)):
-            out.append(Criterion(f"pgd_{norm}_acc_eps{eps:g}", pgd_accuracy_name(norm, eps), ">=", t,
-                                 "robust_accuracy", f"100-PGD {NORM_LABEL[norm]} robust accuracy at ε={eps:g}"))
+            out.append(Criterion(f"robust_{norm}_acc_eps{eps:g}", ensemble_accuracy_name(norm, eps), ">=", t,
+                                 "robust_accuracy",
+                                 f"{NORM_LABEL[norm]} robust accuracy at ε={eps:g} (worst case over the attacks)"))
     if cfg.sanity:
         out.append(Criterion("sanity", SANITY_PASSED, ">=", 1.0, "sanity", "all evaluation sanity checks pass"))
     return out

@@ -25,7 +25,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from ctharden.core.io import atomic_write_text
-from ctharden.evaluation.headline import clean_metric_name, pgd_accuracy_name, san_rate_name
+from ctharden.evaluation.headline import clean_metric_name, ensemble_accuracy_name, pgd_accuracy_name, san_rate_name
 from ctharden.evaluation.trends import trend_lines
 from ctharden.reporting.plots import csv_text, save_png
 
@@ -87,10 +87,10 @@ def write_plot_data(result: Mapping[str, Any], out_dir: Path) -> list[Path]:
     paths.append(atomic_write_text(out_dir / "san_vs_mas.csv", csv_text(["mas", *cols], rows)))
     for norm, curve in result["pgd"].items():
         hu = curve.get("eps_hu") or [""] * len(curve["eps"])
-        rows = [[e, h, a] for e, h, a in zip(curve["eps"], hu, curve["accuracy"], strict=True)]
-        paths.append(
-            atomic_write_text(out_dir / f"robust_accuracy_{norm}.csv", csv_text(["eps", "eps_hu", "accuracy"], rows))
-        )
+        worst = (curve.get("ensemble") or {}).get("accuracy") or [""] * len(curve["eps"])
+        rows = [[e, h, a, w] for e, h, a, w in zip(curve["eps"], hu, curve["accuracy"], worst, strict=True)]
+        header = ["eps", "eps_hu", "accuracy", "ensemble_accuracy"]
+        paths.append(atomic_write_text(out_dir / f"robust_accuracy_{norm}.csv", csv_text(header, rows)))
     return paths
 
 
@@ -149,8 +149,9 @@ def plot_sar_curves(result: Mapping[str, Any], path: Path, title: str = "") -> P
 
 
 def plot_robust_accuracy(results: Mapping[str, Mapping[str, Any]], path: Path) -> Path:
-    """Robust accuracy under 100-PGD against ε, one panel per norm, one line per model, with the
-    confidence interval of each point as error bars."""
+    """Robust accuracy against ε, one panel per norm: per model the worst case over the attack
+    ensemble (solid) and 100-PGD alone (dashed), with the confidence interval of each point as
+    error bars."""
     norms = sorted({n for r in results.values() for n in r["pgd"]}, key=lambda n: n != "linf")
     fig = Figure(figsize=(5.2 * max(len(norms), 1), 3.8), dpi=110, layout="constrained")
     axes = fig.subplots(1, max(len(norms), 1), squeeze=False)[0]
@@ -159,13 +160,23 @@ def plot_robust_accuracy(results: Mapping[str, Mapping[str, Any]], path: Path) -
             c = res["pgd"].get(norm)
             if c is None:
                 continue
-            ax.errorbar(c["eps"], c["accuracy"], capsize=3, marker="o",
+            ens = c.get("ensemble")
+            if ens is not None:
+                line = ax.errorbar(c["eps"], ens["accuracy"], capsize=3, marker="o",
+                                   yerr=_yerr(ens["accuracy"],
+                                              [_iv(res, ensemble_accuracy_name(norm, e)) for e in c["eps"]]),
+                                   label=f"{name}: worst case (area {ens['auc']:.3f}, N={c['n']}, 95 % CI)")
+                color = line.lines[0].get_color()
+            else:
+                color = None
+            ax.errorbar(c["eps"], c["accuracy"], capsize=2, marker=".", linestyle="--", color=color,
+                        alpha=0.7 if ens is not None else 1.0,
                         yerr=_yerr(c["accuracy"], [_iv(res, pgd_accuracy_name(norm, e)) for e in c["eps"]]),
-                        label=f"{name} (area {c['auc']:.3f}, N={c['n']}, 95 % CI)")
+                        label=f"{name}: 100-PGD alone (area {c['auc']:.3f})")
         ax.set_xlabel(f"ε ({'L∞' if norm == 'linf' else 'L2'}, model-input units)")
         ax.set_ylabel("robust accuracy")
         ax.set_ylim(-0.02, 1.02)
-        ax.set_title(f"100-PGD ({norm}), CE and margin loss")
+        ax.set_title(f"robust accuracy ({norm}): attack ensemble and PGD")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     return save_png(fig, path)
@@ -266,17 +277,45 @@ def clean_rows(result: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
 
 
 def pgd_rows(result: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
-    """Robust accuracy at each ε (model-input units and HU), per norm."""
-    header = ["norm", "ε", "ε (HU)", "robust accuracy [95 % CI]", "survived / N"]
+    """Robust accuracy at each ε (model-input units and HU), per norm: the worst case over the
+    attack ensemble (what the gate reads) with its interval, and 100-PGD alone beside it."""
+    header = ["norm", "ε", "ε (HU)", "robust accuracy, worst case [95 % CI]", "survived / N",
+              "100-PGD alone [95 % CI]", "broken only by Square"]
     rows = []
     for norm, c in result["pgd"].items():
         hu = c.get("eps_hu") or [None] * len(c["eps"])
         survived = c.get("survived") or [None] * len(c["eps"])
-        for e, h, a, k in zip(c["eps"], hu, c["accuracy"], survived, strict=True):
-            rows.append([norm, f"{e:g}", "" if h is None else f"{h:.3g}",
-                         f"{a:.3f}{ci_text(_iv(result, pgd_accuracy_name(norm, e)))}",
-                         f"{k}/{c['n']}" if k is not None else str(c["n"])])
-        rows.append([norm, "area", "", f"{c['auc']:.3f}", ""])
+        ens = c.get("ensemble")
+        masked = [0, *ens["masked"]] if ens else [None] * len(c["eps"])
+        for i, (e, h, a, k) in enumerate(zip(c["eps"], hu, c["accuracy"], survived, strict=True)):
+            pgd_cell = f"{a:.3f}{ci_text(_iv(result, pgd_accuracy_name(norm, e)))}"
+            if ens:
+                worst = f"{ens['accuracy'][i]:.3f}{ci_text(_iv(result, ensemble_accuracy_name(norm, e)))}"
+                count = f"{ens['survived'][i]}/{c['n']}"
+            else:
+                worst, count = "not run", f"{k}/{c['n']}" if k is not None else str(c["n"])
+            rows.append([norm, f"{e:g}", "" if h is None else f"{h:.3g}", worst, count, pgd_cell,
+                         "" if masked[i] is None or i == 0 else str(masked[i])])
+        rows.append([norm, "area", "", f"{ens['auc']:.3f}" if ens else "", "", f"{c['auc']:.3f}", ""])
+    return header, rows
+
+
+def attack_rows(result: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """The per-attack breakdown of the ensemble (AutoAttack's rule): per norm and ε, how many
+    samples each member attacked (the survivors of the members before it) and broke."""
+    members = [a for c in result["pgd"].values() for a in (c.get("ensemble") or {}).get("attacks", [])]
+    names = list(dict.fromkeys(members))
+    header = ["norm", "ε", *[f"{a}: broke / attacked" for a in names], "survived / N", "seconds"]
+    rows = []
+    for norm, c in result["pgd"].items():
+        ens = c.get("ensemble")
+        if not ens:
+            continue
+        for i, e in enumerate(c["eps"][1:]):
+            cells = [f"{ens['per_attack'][a]['broken'][i]} / {ens['per_attack'][a]['attacked'][i]}"
+                     if a in ens["per_attack"] else "" for a in names]
+            rows.append([norm, f"{e:g}", *cells, f"{ens['survived'][i + 1]}/{c['n']}",
+                         f"{ens['seconds']:.0f}" if i == 0 else ""])
     return header, rows
 
 
@@ -316,10 +355,15 @@ def comparison_tables(baseline: Mapping[str, Any], hardened: Mapping[str, Any], 
         if b is None or b["eps"] != c["eps"]:
             continue
         header = ["model", *[f"ε {e:g}" for e in c["eps"]], "area"]
-        rows = [[name, *[f"{a:.3f}{ci_text(_iv(res, pgd_accuracy_name(norm, e)))}"
-                         for e, a in zip(res["pgd"][norm]["eps"], res["pgd"][norm]["accuracy"], strict=True)],
-                 f"{res['pgd'][norm]['auc']:.3f}"] for name, res in rows_of]
-        out.append((f"100-PGD robust accuracy, {norm} (N = {c['n']})", header, rows))
+        rows = []
+        for name, res in rows_of:
+            r = res["pgd"][norm]
+            ens = r.get("ensemble")
+            acc, metric = (ens["accuracy"], ensemble_accuracy_name) if ens else (r["accuracy"], pgd_accuracy_name)
+            rows.append([name, *[f"{a:.3f}{ci_text(_iv(res, metric(norm, e)))}"
+                                 for e, a in zip(r["eps"], acc, strict=True)],
+                         f"{(ens or r)['auc']:.3f}"])
+        out.append((f"Robust accuracy, worst case over the attacks, {norm} (N = {c['n']})", header, rows))
     return out
 
 
@@ -439,7 +483,11 @@ def render_html(
         if res.get("trends"):
             parts.append("<h3>The papers' trends on this model</h3><ul>" + "".join(
                 f"<li>{html.escape(line[2:])}</li>" for line in trend_lines(res["trends"])) + "</ul>")
-        parts.append("<h3>100-PGD robust accuracy</h3>" + _html_table(*pgd_rows(res)))
+        parts.append("<h3>Robust accuracy: worst case over the attack ensemble, and 100-PGD alone</h3>"
+                     + _html_table(*pgd_rows(res)))
+        if attack_rows(res)[1]:
+            parts.append("<h3>Per-attack breakdown (each attack runs on the survivors of those before it)"
+                         "</h3>" + _html_table(*attack_rows(res)))
         parts.append("<h3>Sanity checks of the white-box evaluation</h3>" + _html_table(*sanity_rows(res)))
         for key, p in figures.get(name, {}).items():
             if p is not None:
@@ -482,10 +530,13 @@ def summary_markdown(results: Mapping[str, Mapping[str, Any]], report_path: str 
         if res.get("trends"):
             out += [*trend_lines(res["trends"]), ""]
         out += [markdown_table(*pgd_rows(res)), ""]
+        if attack_rows(res)[1]:
+            out += [markdown_table(*attack_rows(res)), ""]
     return "\n".join(out)
 
 
 __all__ = [
+    "attack_rows",
     "comparison_tables",
     "markdown_table",
     "pgd_rows",
