@@ -23,6 +23,16 @@ ATTACK_LOSSES: tuple[str, ...] = get_args(AttackLoss)
 EnsembleAttack = Literal["pgd", "apgd-ce", "apgd-margin", "square"]
 ENSEMBLE_ATTACKS: tuple[str, ...] = get_args(EnsembleAttack)
 
+#: How an external model expects its input (the model contract, :mod:`ctharden.models.external`):
+#: an HU window mapped to [0, 1]; a z-score of HU; display values already in [0, 1].
+InputScalingKind = Literal["window", "zscore", "display"]
+INPUT_SCALINGS: tuple[str, ...] = get_args(InputScalingKind)
+
+#: What an external model returns: one logit; two logits; a probability of the positive class;
+#: C-class logits with the positive class at ``positive_index``.
+ExternalOutput = Literal["logit", "logits2", "probability", "classes"]
+EXTERNAL_OUTPUTS: tuple[str, ...] = get_args(ExternalOutput)
+
 #: The two NPS-noise attacks (random draws, Algorithm 1's optimised perturbation).
 NpsAttack = Literal["random", "optimized"]
 NPS_ATTACKS: tuple[str, ...] = get_args(NpsAttack)

@@ -44,8 +44,10 @@ from ctharden.config.choices import (
     NOUNS,
     AttackLoss,
     EnsembleAttack,
+    ExternalOutput,
     GateKind,
     HardenMethod,
+    InputScalingKind,
     IntervalMethod,
     ModelSet,
     NoiseMode,
@@ -322,6 +324,75 @@ class PgdBlock(_Model):
             raise ValueError(f"lists an attack twice: {v}")
         return v
     square_queries: PosInt = 1000
+
+
+class InputScaling(_Model):
+    """``input`` of a model contract: how HU become what the model takes.
+
+    ``window``: ``clamp((hu - lo) / (hi - lo), 0, 1)`` with ``window_hu = [lo, hi]``; ``zscore``:
+    ``(hu - mean_hu) / std_hu`` (``window_hu`` then bounds the attack space, default the whole HU
+    range of CT); ``display``: the data are already display values in [0, 1] (``window_hu`` null).
+    """
+
+    kind: InputScalingKind = "window"
+    window_hu: tuple[Number, Number] | None = None
+    mean_hu: Number | None = None
+    std_hu: PosNumber | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> InputScaling:
+        if self.window_hu is not None and not self.window_hu[0] < self.window_hu[1]:
+            raise ValueError(f"window_hu must be [lo, hi] with lo < hi, got {list(self.window_hu)}")
+        if self.kind == "window" and self.window_hu is None:
+            raise ValueError("kind window needs window_hu: [lo, hi] (HU mapped to 0 and 1)")
+        if self.kind == "zscore" and (self.mean_hu is None or self.std_hu is None):
+            raise ValueError("kind zscore needs mean_hu and std_hu (in HU)")
+        if self.kind != "zscore" and (self.mean_hu is not None or self.std_hu is not None):
+            raise ValueError(f"mean_hu / std_hu apply to kind zscore only, not {self.kind}")
+        if self.kind == "display" and self.window_hu is not None:
+            raise ValueError("kind display takes data already in [0, 1]: window_hu must be null")
+        return self
+
+
+class OutputSpec(_Model):
+    """``output`` of a model contract: ``logit`` ``(N,)``/``(N, 1)``; ``logits2`` ``(N, 2)``;
+    ``probability`` of the positive class ``(N,)``/``(N, 1)``; ``classes``: ``(N, C)`` logits with
+    the positive class at ``positive_index`` (also the positive column of ``logits2``)."""
+
+    kind: ExternalOutput = "logit"
+    positive_index: NonNegInt = 1
+    classes: PosInt | None = None  # C of a ``classes`` output (checked by the dry run)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> OutputSpec:
+        if self.kind == "logits2" and self.positive_index > 1:
+            raise ValueError(f"logits2 has columns 0 and 1; positive_index {self.positive_index} is out of range")
+        if self.kind == "classes" and self.classes is not None and self.positive_index >= self.classes:
+            raise ValueError(f"positive_index {self.positive_index} is not a class of {self.classes}")
+        return self
+
+
+class ModelContract(_Model):
+    """What a model ctharden did not build expects and returns (``--contract FILE.yaml``).
+
+    ``input_shape``: the spatial shape ``(H, W)`` or ``(D, H, W)`` in pixels; ``channels``: the
+    single CT channel is repeated to this many; ``spacing_mm``: the pixel spacing the model was
+    trained at (data are resampled to it at ingest).
+    """
+
+    spatial_dims: Literal[2, 3]
+    input_shape: list[PosInt]
+    channels: PosInt = 1
+    input: InputScaling = Field(default_factory=lambda: InputScaling(window_hu=(-1000.0, 400.0)))
+    output: OutputSpec = Field(default_factory=OutputSpec)
+    spacing_mm: PosNumber | None = None
+
+    @model_validator(mode="after")
+    def _shape(self) -> ModelContract:
+        if len(self.input_shape) != self.spatial_dims:
+            raise ValueError(f"input_shape {self.input_shape} has {len(self.input_shape)} axes; "
+                             f"spatial_dims is {self.spatial_dims}")
+        return self
 
 
 class NoiseSettings(_Model):
