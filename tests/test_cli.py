@@ -12,7 +12,8 @@ import pytest
 from conftest import REPO, stage_overrides
 
 CLI = [str(Path(sys.executable).parent / "ctharden")]
-COMMANDS = [[], ["ingest"], ["ingest", "lidc"], ["ingest", "covid"], ["ingest", "synthetic"], ["validate"],
+COMMANDS = [[], ["ingest"], ["ingest", "lidc"], ["ingest", "covid"], ["ingest", "synthetic"], ["ingest", "table"],
+            ["validate"], ["check"],
             ["stage"], ["stage", "ingest"], ["stage", "validate"], ["stage", "data-version"], ["stage", "train"],
             ["stage", "evaluate"], ["stage", "tune"], ["stage", "harden"], ["evaluate"], ["train"], ["study"],
             ["study", "architectures"], ["study", "moons"], ["gate"], ["register"], ["ci-gate"]]

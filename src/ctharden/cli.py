@@ -49,6 +49,8 @@ LIDC_DEFAULTS = ingest_defaults("lidc")
 LIDC2D_DEFAULTS = ingest_defaults("lidc2d")
 COVID_DEFAULTS = ingest_defaults("covid")
 SYNTHETIC_DEFAULTS = ingest_defaults("synthetic")
+# `ingest table` has no params.yaml dataset kind: its split defaults are params.yaml's top-level split and seed.
+SPLIT_DEFAULTS = {k: SYNTHETIC_DEFAULTS[k] for k in ("seed", "test_fraction", "n_folds")}
 _SEED_HELP = "default: params.yaml seed"
 _TEST_HELP = "Held-out test share (default: params.yaml split.test_fraction)."
 _FOLDS_HELP = "Cross-validation folds over the rest (default: params.yaml split.n_folds)."
@@ -196,6 +198,34 @@ def ingest_covid_cmd(
     _print_report(report, "COVID-CT")
 
 
+@ingest_app.command("table")
+def ingest_table_cmd(
+    manifest: Annotated[Path, typer.Option(
+        help="CSV, one row per sample: path, label (0/1), patient_id [, spacing, split, sample_id].")],
+    root: Annotated[Path, typer.Option(help="Folder the manifest's paths are relative to.")],
+    task: Annotated[Literal["nodule2d", "nodule3d", "covid2d"], typer.Option(
+        help="nodule3d: 3-D HU volumes; nodule2d: 2-D HU images; covid2d: 2-D [0,1] display images.")],
+    out: Annotated[Path, typer.Option(help="Dataset directory to write.")],
+    spacing_mm: Annotated[float | None, typer.Option(
+        help="Resample to this pixel/voxel size in mm (needs each row's spacing: manifest or file header).")] = None,
+    size: Annotated[int | None, typer.Option(
+        help="Centre-crop/pad every axis to N (air -1024 HU, or 0 for covid2d); without it all shapes must match."
+    )] = None,
+    seed: Annotated[int, typer.Option(help=f"Split seed ({_SEED_HELP}).")] = SPLIT_DEFAULTS["seed"],
+    test_fraction: Annotated[float, typer.Option(
+        help=_TEST_HELP + " Unused when the manifest has a split column.")] = SPLIT_DEFAULTS["test_fraction"],
+    n_folds: Annotated[int, typer.Option(help=_FOLDS_HELP)] = SPLIT_DEFAULTS["n_folds"],
+) -> None:
+    """Your own labelled CT (NIfTI, DICOM, PNG/JPEG, .npy) listed in a manifest CSV -> a dataset."""
+    from ctharden.data.table import ingest_table
+
+    report = ingest_table(
+        manifest, root, out, task=task, spacing_mm=spacing_mm, size=size,
+        seed=seed, test_fraction=test_fraction, n_folds=n_folds,
+    )
+    _print_report(report, "table")
+
+
 @ingest_app.command("synthetic")
 def ingest_synthetic_cmd(
     task: Annotated[str, typer.Option(help="nodule3d (HU cubes) or covid2d ([0,1] slices).")],
@@ -330,6 +360,36 @@ def evaluate_cmd(
     if out is not None:
         atomic_write_json(out, result)
     out_console.print_json(json.dumps(result, default=str))
+
+
+@app.command("check")
+def check_cmd(
+    model: Annotated[str, typer.Option(help="TorchScript, .pt2, MLflow model (dir, runs:/, models:/), "
+                                            "state_dict (with --factory), .onnx, or a ctharden model file.")],
+    data: Annotated[Path, typer.Option(help="Dataset directory (e.g. from `ctharden ingest table`).")],
+    out: Annotated[Path, typer.Option(help="Write gate.json, robustness.json and the HTML report here.")],
+    contract: Annotated[Path | None, typer.Option(
+        help="Model contract YAML: spatial_dims, input_shape, channels, input scaling, output kind.")] = None,
+    policy: Annotated[str, typer.Option(
+        help="Robustness policy: a gate job of params.yaml (e.g. nodule2d) or default.")] = "default",
+    factory: Annotated[str | None, typer.Option(
+        help="package.module:function that builds the network for a state_dict (needs --trust-code).")] = None,
+    trust_code: Annotated[bool, typer.Option(
+        "--trust-code", help="Allow importing and running your code (--factory, pickled MLflow models).")] = False,
+    validation: Annotated[Path | None, typer.Option(
+        help="The dataset's validation dir; default: validate now.")] = None,
+) -> None:
+    """Check a model ctharden did not build: dry run, clean metrics, NPS noise, the attack
+    ensemble with its self-checks, the gate and a report. Exit code = verdict: 0 pass,
+    3 inconclusive, 4 fail (1: bad input)."""
+    from ctharden.gate.criteria import reasons
+    from ctharden.stages.check import EXIT_CODES, check_model
+
+    rec = check_model(model, data, state.params(), out_dir=out, contract_file=contract, policy=policy,
+                      factory=factory, trust_code=trust_code, validation_dir=validation)
+    out_console.print(f"{model}: [bold]{rec['verdict'].upper()}[/] under policy {policy}  {reasons(rec)}")
+    out_console.print(f"report: {rec['report']}")
+    raise typer.Exit(EXIT_CODES[rec["verdict"]])
 
 
 def _print_robustness(result: EvaluateResult) -> None:
@@ -650,7 +710,7 @@ def stage_data_version() -> None:
 def main() -> None:
     """Entry point: run the CLI, turning user errors into one line and a non-zero exit."""
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)  # click returns the code of a typer.Exit here
     except CthardenError as exc:
         err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(1)
@@ -665,6 +725,8 @@ def main() -> None:
             show()
         else:
             err_console.print(f"error: {escape(str(exc))}")
+        sys.exit(code)
+    if isinstance(code, int) and code:
         sys.exit(code)
 
 

@@ -16,6 +16,10 @@ Tasks and units:
   pixel spacing (``spacing_mm`` column; default 0.7 mm) around the nodule (``ctharden.data.lidc2d``).
 - ``covid2d``: ``(H, W)`` float32 single-channel slices in display units scaled to ``[0, 1]``.
 
+The ``table`` source (``ctharden.data.table``, a team's own manifest of images) keeps the task's
+rank and units but not its fixed size or spacing: its shape and any resampling spacing are in
+``dataset.json`` (``shape``, provenance ``spacing_mm``).
+
 The content hash is the SHA-256 of ``manifest.csv``, which itself records every array's SHA-256,
 so it changes whenever any label, id or voxel changes. Later stages log it to MLflow as the data
 version. Writing is atomic: the directory is built aside and swapped in only when complete.
@@ -39,7 +43,7 @@ import pandas as pd
 from ctharden import __version__
 from ctharden.core.errors import DataError
 from ctharden.core.io import atomic_directory, atomic_write_json
-from ctharden.data.splits import assign_splits
+from ctharden.data.splits import assign_folds_to_given_splits, assign_splits
 
 MANIFEST = "manifest.csv"
 INFO = "dataset.json"
@@ -56,7 +60,7 @@ REQUIRED_COLUMNS: tuple[str, ...] = (
     "array",
     "sha256",
 )
-SOURCES: tuple[str, ...] = ("lidc", "soares", "ucsd", "synthetic")
+SOURCES: tuple[str, ...] = ("lidc", "soares", "ucsd", "synthetic", "table")
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -86,6 +90,11 @@ def task_spec(task: str) -> TaskSpec:
         raise DataError(f"unknown task {task!r} (expected one of: {', '.join(TASKS)})") from None
 
 
+def is_safe_id(text: str) -> bool:
+    """True if ``text`` can be a sample_id (it names its array file): letters, digits, ``._-``; first alphanumeric."""
+    return bool(_SAFE_ID.match(text))
+
+
 def _npy_bytes(array: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, np.ascontiguousarray(array, dtype=np.float32), allow_pickle=False)
@@ -97,6 +106,8 @@ class DatasetWriter:
     """Stream samples into a new dataset directory; :meth:`commit` splits, hashes and swaps it in.
 
     Use as a context manager: if the block raises, nothing is written at ``out_dir``.
+    ``fixed_splits``: every row carries its own ``split`` (train|test), which is kept; only the
+    train rows are dealt to folds (``test_fraction`` is then unused).
 
     >>> with DatasetWriter(out, "nodule3d", shape=(32, 32, 32), provenance={...}) as w:
     ...     w.add({"sample_id": "a", "label": 1, "patient_id": "p1", "source": "lidc"}, cube)
@@ -109,6 +120,7 @@ class DatasetWriter:
     test_fraction: float = 0.2
     n_folds: int = 5
     seed: int = 0
+    fixed_splits: bool = False
     _rows: list[dict[str, Any]] = field(default_factory=list, init=False)
     _tmp: Path | None = field(default=None, init=False)
     _ctx: Any = field(default=None, init=False)
@@ -141,7 +153,7 @@ class DatasetWriter:
             if key not in row:
                 raise DataError(f"sample row is missing {key!r}: {dict(row)}")
         sid = str(row["sample_id"])
-        if not _SAFE_ID.match(sid):
+        if not is_safe_id(sid):
             raise DataError(f"sample_id {sid!r} has characters not allowed in a file name")
         if tuple(array.shape) != tuple(self.shape):
             raise DataError(f"sample {sid}: array shape {array.shape} != dataset shape {self.shape}")
@@ -173,9 +185,12 @@ class DatasetWriter:
         if not self._rows:
             raise DataError(f"{self.out_dir}: no samples to write (empty dataset)")
         manifest = pd.DataFrame(self._rows)
-        manifest, split_info = assign_splits(
-            manifest, test_fraction=self.test_fraction, n_folds=self.n_folds, seed=self.seed
-        )
+        if self.fixed_splits:
+            manifest, split_info = assign_folds_to_given_splits(manifest, n_folds=self.n_folds, seed=self.seed)
+        else:
+            manifest, split_info = assign_splits(
+                manifest, test_fraction=self.test_fraction, n_folds=self.n_folds, seed=self.seed
+            )
         first = [c for c in REQUIRED_COLUMNS if c in manifest.columns]
         manifest = manifest[first + [c for c in manifest.columns if c not in first]]
         text = manifest.to_csv(index=False, lineterminator="\n")

@@ -5,6 +5,8 @@ in more than one of {test, a train fold}. Groups are shuffled with the seed insi
 stratum (a group's stratum is its majority label); whole groups go to test until each stratum
 has its share of samples, then the rest are dealt to the k folds greedily, always into the fold
 with the fewest samples of that stratum so far, which keeps folds balanced in size and labels.
+:func:`assign_folds_to_given_splits` keeps a split the data came with and only deals its train rows
+to folds, the same way.
 """
 
 from __future__ import annotations
@@ -80,5 +82,42 @@ def assign_splits(
         "n_groups": int(len(groups)),
         "n_test": int((df["split"] == "test").sum()),
         "n_train": int((df["split"] == "train").sum()),
+    }
+    return df, summary
+
+
+def assign_folds_to_given_splits(
+    manifest: pd.DataFrame, *, n_folds: int, seed: int
+) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """Keep ``manifest``'s given ``split`` (train|test); deal the train rows to folds like :func:`assign_splits`.
+
+    Folds are patient-grouped and label-stratified (:func:`assign_splits` with no test share, on
+    the train rows only); test rows get fold -1. Raises :class:`DataError` on a split value other
+    than train/test, a patient in both splits, or no train rows.
+    """
+    if "split" not in manifest.columns:
+        raise DataError("given splits: the samples have no 'split' column")
+    df = manifest.copy()
+    split = df["split"].astype(str)
+    bad = sorted(set(split) - {"train", "test"})
+    if bad:
+        raise DataError(f"given splits: split values {bad} are not 'train' or 'test'")
+    both = sorted(set(df.loc[split == "train", "patient_id"]) & set(df.loc[split == "test", "patient_id"]))
+    if both:
+        raise DataError(f"given splits: patient(s) {both[:5]} in both train and test")
+    train = split == "train"
+    if not train.any():
+        raise DataError("given splits: no train samples")
+    folded, summary = assign_splits(df[train], test_fraction=0.0, n_folds=n_folds, seed=seed)
+    df["fold"] = -1
+    df.loc[train, "fold"] = folded["fold"]
+    df["fold"] = df["fold"].astype(int)
+    summary = {
+        **summary,
+        "method": "given train/test split; folds patient-grouped, label-stratified",
+        "test_fraction": None,
+        "n_groups": int(df["patient_id"].nunique()),
+        "n_test": int((~train).sum()),
+        "n_train": int(train.sum()),
     }
     return df, summary

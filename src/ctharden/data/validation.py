@@ -74,6 +74,9 @@ SOURCE_SPACING_RANGE_MM: tuple[float, float] = (0.3, 1.5)
 #: How the nodule2d ingesters got HU: DICOM header slope/intercept (crop release or DICOM series),
 #: or the intercept recovered from the image (:func:`ctharden.data.lidc2d.intercept_from_image`).
 HU_SOURCES: tuple[str, ...] = ("header", "image_rule", "dicom_rescale")
+#: A team's own manifest (:mod:`ctharden.data.table`): any spacing, no reader ratings (``TABLE_SOURCE``
+#: mirrors ``ctharden.data.table.SOURCE``; importing that module here would pull in nibabel).
+TABLE_SOURCE = "table"
 #: ``malignancy_mean`` is stored rounded (4 decimals); it must equal mean(ratings) within this.
 MALIGNANCY_MEAN_TOL = 1e-3
 #: One to any number of reader ratings, each 1..5, separated by ``;`` (e.g. ``4;5;3``).
@@ -368,6 +371,11 @@ def build_expectations(info: Mapping[str, Any], summary_columns: Sequence[str] =
     ``malignancy_mean`` equal to mean(ratings), never 3, and label 1 iff it is above 3 (0 iff
     below), and ``hu_source`` in :data:`HU_SOURCES`. Duplicate ids and patient leakage across
     splits/folds are checked for every task.
+
+    A ``table`` dataset (``dataset.json`` sources == ``["table"]``, a team's own manifest) has its
+    own rules instead of nodule3d's 1 mm rule and nodule2d's LIDC rules: ``spacing_mm`` equal to
+    provenance ``spacing_mm`` when it was resampled (any spacing, not only 1 mm), and for nodule2d
+    the lung check on ``p1`` only (it has no reader ratings, source spacing or LIDC ``hu_source``).
     """
     _import_gx()
     import great_expectations.expectations as gx_expectations
@@ -444,6 +452,8 @@ def build_expectations(info: Mapping[str, Any], summary_columns: Sequence[str] =
         )
     else:
         ex.append(gxe.ExpectColumnValuesToBeBetween(column="fold", min_value=-1))
+    if set(info.get("sources") or ()) == {TABLE_SOURCE}:
+        return ex + _table_expectations(gxe, info)
     if spec.name == "nodule3d" and SPACING_MM in summary_columns:
         ex += [
             gxe.ExpectColumnValuesToNotBeNull(column=SPACING_MM),
@@ -459,6 +469,39 @@ def build_expectations(info: Mapping[str, Any], summary_columns: Sequence[str] =
     return ex
 
 
+def _lung_check(gxe: Any) -> Any:
+    """nodule2d lung plausibility: a patch's 1st-percentile HU (``p1``) in :data:`LUNG_P1_RANGE_HU`."""
+    lung_lo, lung_hi = LUNG_P1_RANGE_HU
+    return gxe.ExpectColumnValuesToBeBetween(
+        column="p1",
+        min_value=lung_lo,
+        max_value=lung_hi,
+        notes="lung check: a nodule patch's 1st-percentile HU is lung parenchyma or air; "
+        "above means the patch is not in HU (e.g. stored without the -1024 intercept)",
+    )
+
+
+def _table_expectations(gxe: Any, info: Mapping[str, Any]) -> list[Any]:
+    """The ``table`` source's rules, in place of the LIDC-specific ones (see :func:`build_expectations`)."""
+    ex: list[Any] = []
+    spacing = (info.get("provenance") or {}).get(SPACING_MM)
+    if spacing is not None:
+        if isinstance(spacing, bool) or not isinstance(spacing, (int, float)) or not 0 < spacing < math.inf:
+            raise DataError(f"dataset.json provenance {SPACING_MM} is not a positive number (got {spacing!r})")
+        ex += [
+            gxe.ExpectColumnValuesToNotBeNull(column=SPACING_MM),
+            gxe.ExpectColumnValuesToBeBetween(
+                column=SPACING_MM,
+                min_value=float(spacing) - SPACING_TOL,
+                max_value=float(spacing) + SPACING_TOL,
+                notes=f"arrays are resampled to {float(spacing):g} mm (dataset.json provenance spacing_mm)",
+            ),
+        ]
+    if info.get("task") == "nodule2d":
+        ex.append(_lung_check(gxe))
+    return ex
+
+
 def _nodule2d_expectations(gxe: Any, info: Mapping[str, Any]) -> list[Any]:
     """The nodule2d-only part of the suite (see :func:`build_expectations`)."""
     spacing = (info.get("provenance") or {}).get(SPACING_MM)
@@ -468,17 +511,8 @@ def _nodule2d_expectations(gxe: Any, info: Mapping[str, Any]) -> list[Any]:
             "must record the pixel spacing its patches were resampled to"
         )
     spacing = float(spacing)
-    lung_lo, lung_hi = LUNG_P1_RANGE_HU
     src_lo, src_hi = SOURCE_SPACING_RANGE_MM
-    ex: list[Any] = [
-        gxe.ExpectColumnValuesToBeBetween(
-            column="p1",
-            min_value=lung_lo,
-            max_value=lung_hi,
-            notes="lung check: a nodule patch's 1st-percentile HU is lung parenchyma or air; "
-            "above means the patch is not in HU (e.g. stored without the -1024 intercept)",
-        ),
-    ]
+    ex: list[Any] = [_lung_check(gxe)]
     for col in (SPACING_MM, "source_spacing_mm", "hu_source", "reader_rating", "ratings", "malignancy_mean"):
         ex.append(gxe.ExpectColumnValuesToNotBeNull(column=col))
     ex += [

@@ -80,6 +80,12 @@ def _backbone(model: nn.Module) -> nn.Module:
     return model
 
 
+def has_conv_layers(model: nn.Module) -> bool:
+    """Whether attention maps can be drawn: the backbone has ``nn.Conv2d``/``nn.Conv3d`` layers
+    (a TorchScript or exported network hides them)."""
+    return any(isinstance(m, _CONVS) for m in _backbone(model).modules())
+
+
 def _convs(model: nn.Module) -> list[nn.Module]:
     convs: list[nn.Module] = [m for m in _backbone(model).modules() if isinstance(m, _CONVS)]
     if not convs:

@@ -3,7 +3,7 @@
 :func:`dry_run` checks, in order, and raises a :class:`DataError` with one line for the first
 failure:
 
-1. the batch ``(N, 1, *S)`` matches the contract's spatial shape;
+1. the batch ``(N, *S)`` / ``(N, 1, *S)`` matches the contract's spatial shape;
 2. the forward pass runs and its output has the contract's shape (``logit``/``probability``:
    ``(N,)`` or ``(N, 1)``; ``logits2``: ``(N, 2)``; ``classes``: ``(N, C)``);
 3. every output is finite (and a ``probability`` lies in [0, 1]);
@@ -36,9 +36,10 @@ def _raw_output(model: nn.Module, x: Tensor) -> Tensor:
 
 
 def dry_run(model: nn.Module, x: Tensor, *, name: str = "model") -> dict[str, Any]:
-    """Run the checks of the module docstring on ``x`` ``(N, 1, *S)`` in attack units [0, 1]."""
+    """Run the checks of the module docstring on ``x`` ``(N, *S)`` or ``(N, 1, *S)`` in attack units."""
     contract = getattr(model, "contract", None)
-    spatial = tuple(x.shape[2:])
+    dims = int(getattr(model, "spatial_dims", x.dim() - 2))
+    spatial = tuple(x.shape[-dims:])
     if contract is not None and list(spatial) != list(contract.input_shape):
         raise DataError(f"{name}: the data's shape {list(spatial)} does not match the contract's input_shape "
                         f"{list(contract.input_shape)}")

@@ -4,7 +4,7 @@
 user's own network, an ONNX session) with its :class:`~ctharden.config.schema.ModelContract` and
 presents what a :class:`~ctharden.models.CTClassifier` presents:
 
-- inputs ``(N, 1, *S)`` in *attack units* ``[0, 1]``: ``to_input`` maps HU through the contract's
+- inputs ``(N, *S)`` or ``(N, 1, *S)`` in *attack units* ``[0, 1]``: ``to_input`` maps HU through the contract's
   window (``window``), through the attack window and then the z-score inside ``forward``
   (``zscore``), or takes display values as they are (``display``). So every attack keeps its
   clip range ``[0, 1]`` and ε is in the same units as for ctharden's own models;
@@ -72,7 +72,12 @@ class ExternalClassifier(nn.Module):
         return ((raw.float() - lo) / (hi - lo)).clamp(0.0, 1.0)
 
     def model_input(self, x: Tensor) -> Tensor:
-        """Attack units ``(N, 1, *S)`` -> what ``net`` takes ``(N, channels, *S)``."""
+        """Attack units ``(N, *S)`` or ``(N, 1, *S)`` -> what ``net`` takes ``(N, channels, *S)``."""
+        if x.dim() == self.spatial_dims + 1:
+            x = x.unsqueeze(1)
+        elif x.dim() != self.spatial_dims + 2 or x.shape[1] != 1:
+            raise ValueError(f"{self.arch}: expected input (N, *spatial) or (N, 1, *spatial) with "
+                             f"{self.spatial_dims} spatial dims, got shape {tuple(x.shape)}")
         scaling = self.contract.input
         if scaling.kind == "zscore":
             assert self.window_hu is not None and scaling.mean_hu is not None and scaling.std_hu is not None
@@ -129,7 +134,7 @@ class ExternalClassifier(nn.Module):
         return pos - torch.logsumexp(others, 1)
 
     def forward(self, x: Tensor) -> Tensor:
-        """``x`` ``(N, 1, *S)`` in attack units -> binary logit ``(N,)``."""
+        """``x`` ``(N, *S)`` or ``(N, 1, *S)`` in attack units -> binary logit ``(N,)``."""
         return self.canonical(self.net(self.model_input(x)))
 
     def train(self, mode: bool = True) -> ExternalClassifier:

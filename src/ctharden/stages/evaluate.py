@@ -42,7 +42,7 @@ from ctharden.config.robustness import RobustnessSettings, job_settings
 from ctharden.core.errors import DataError
 from ctharden.core.io import atomic_write_json, atomic_write_text, load_json, sha256_file
 from ctharden.data.arrays import ArraySet, load_arrayset
-from ctharden.evaluation.attention import save_attention_figure
+from ctharden.evaluation.attention import has_conv_layers, save_attention_figure
 from ctharden.evaluation.headline import headline_metrics
 from ctharden.evaluation.trends import hardening_trends, nps_trends
 from ctharden.evaluation.units import evaluate_robustness, model_set
@@ -156,7 +156,7 @@ def write_job_figures(result: dict[str, Any], visuals: dict[str, Any], model: CT
             visuals, report_dir / "examples.png", spatial_dims=int(model.spatial_dims), title=name),
     }
     ex = visuals.get("examples") or []
-    if ex:
+    if ex and has_conv_layers(model):
         # attention on the clean sample vs its PGD example (or its optimised NPS image)
         e = next((e for e in ex if (e["scores"]["pgd"] > 0.5) != (e["scores"]["clean"] > 0.5)), ex[0])
         attacked = e["pgd"] if (e["scores"]["pgd"] > 0.5) != (e["scores"]["clean"] > 0.5) else e["optimized"]

@@ -1,0 +1,122 @@
+"""``ctharden check`` on a model trained outside ctharden: the dry run, the evaluation, the gate,
+the report and ``gate.json``, and the exit code as the verdict; bad contracts refused in one line.
+Small settings: the smoke profile (10-step attacks on a handful of samples)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from torch import Tensor, nn
+
+from ctharden.data.arrays import load_arrayset
+from ctharden.data.synthetic import generate_synthetic
+from ctharden.data.validation import validate_dataset
+
+CLI = [sys.executable, "-m", "ctharden.cli"]
+WINDOW = (-1000.0, 400.0)
+pytestmark = pytest.mark.slow
+
+
+class TeamNet(nn.Module):
+    """A team's plain 3D CNN on a [-1000, 400] HU window, two logits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv3d(1, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool3d(2), nn.Flatten(),
+                                  nn.Linear(32, 2))
+
+    def forward(self, x: Tensor) -> Tensor:
+        out: Tensor = self.body(x)
+        return out
+
+
+class Rounded(nn.Module):
+    """The team's net behind an 8-level input quantiser: gradient masking."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: Tensor) -> Tensor:
+        out: Tensor = self.net(torch.round(x * 8) / 8)
+        return out
+
+
+@pytest.fixture(scope="module")
+def team(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("team")
+    ds = root / "data"
+    generate_synthetic("nodule3d", ds, n=24, seed=5, n_folds=2, test_fraction=0.3)
+    report = validate_dataset(ds, root / "validation")
+    assert report.success
+    raw = load_arrayset(ds, nn.Identity()).raw
+    x = ((raw - WINDOW[0]) / (WINDOW[1] - WINDOW[0])).clamp(0, 1).unsqueeze(1)
+    y = torch.as_tensor(load_arrayset(ds, nn.Identity()).y)
+    torch.manual_seed(0)
+    net = TeamNet()
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    for _ in range(30):
+        loss = nn.functional.cross_entropy(net(x), y)
+        opt.zero_grad()
+        loss.backward()  # type: ignore[no-untyped-call]
+        opt.step()
+    net.eval()
+    torch.jit.save(torch.jit.script(net), str(root / "team.ts"))
+    torch.jit.save(torch.jit.script(Rounded(net).eval()), str(root / "masked.ts"))
+    contract = {"spatial_dims": 3, "input_shape": [32, 32, 32],
+                "input": {"kind": "window", "window_hu": list(WINDOW)}, "output": {"kind": "logits2"}}
+    (root / "contract.yaml").write_text(yaml.safe_dump(contract))
+    (root / "bad_contract.yaml").write_text(yaml.safe_dump({**contract, "input_shape": [16, 16, 16]}))
+    (root / "wrong_output.yaml").write_text(yaml.safe_dump({**contract, "output": {"kind": "logit"}}))
+    return {"root": root, "data": ds, "validation": root / "validation"}
+
+
+def _check(team: dict[str, Path], model: str, out: str, *extra: str, contract: str = "contract.yaml"
+           ) -> subprocess.CompletedProcess[str]:
+    root = team["root"]
+    return subprocess.run(
+        [*CLI, "--profile", "smoke", *extra, "check", "--model", str(root / model), "--data", str(team["data"]),
+         "--contract", str(root / contract), "--policy", "nodule3d", "--out", str(root / out),
+         "--validation", str(team["validation"])],
+        capture_output=True, text=True, timeout=900)
+
+
+def test_a_team_model_is_checked_and_the_exit_code_is_the_verdict(team: dict[str, Path]) -> None:
+    r = _check(team, "team.ts", "out")
+    gate = json.loads((team["root"] / "out" / "gate.json").read_text())
+    assert r.returncode == {"pass": 0, "inconclusive": 3, "fail": 4}[gate["verdict"]], r.stderr
+    assert gate["policy"] == "nodule3d" and gate["model"]["arch"] == "external:torchscript"
+    assert gate["dry_run"]["deterministic"] and gate["dry_run"]["output_shape"] == [8, 2]
+    assert gate["model"]["config"]["contract"]["output"]["kind"] == "logits2"
+    for row in gate["criteria"].values():
+        assert {"value", "threshold", "decision"} <= set(row)
+    result = json.loads((team["root"] / "out" / "robustness.json").read_text())
+    assert "ensemble" in result["pgd"]["linf"] and result["outcomes"]["ensemble_linf"]["ids"]
+    html = (team["root"] / "out" / "index.html").read_text()
+    assert "Per-attack breakdown" in html and gate["verdict"].upper() in html
+    assert gate["verdict"].upper() in r.stdout and "report:" in r.stdout
+
+
+def test_a_masked_team_model_fails_the_check(team: dict[str, Path]) -> None:
+    r = _check(team, "masked.ts", "masked", "--set", "gate.defaults.sanity=true")
+    gate = json.loads((team["root"] / "masked" / "gate.json").read_text())
+    assert r.returncode == 4 and gate["verdict"] == "fail" and "sanity" in gate["failed"], r.stdout + r.stderr
+
+
+@pytest.mark.parametrize(("contract", "message"), [
+    ("bad_contract.yaml", r"input_shape \[16, 16, 16\] does not match"),
+    ("wrong_output.yaml", "wrong output shape: a logit output must be"),
+])
+def test_a_contract_that_does_not_fit_is_refused_in_one_line(team: dict[str, Path], contract: str,
+                                                             message: str) -> None:
+    r = _check(team, "team.ts", "bad", contract=contract)
+    assert r.returncode == 1
+    err = " ".join(r.stderr.split())
+    assert "error:" in err and __import__("re").search(message, err), r.stderr
+    assert not (team["root"] / "bad" / "gate.json").exists()
