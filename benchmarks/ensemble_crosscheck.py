@@ -22,7 +22,8 @@ The table also gives PGD alone vs the ensemble (robust accuracy, from the metric
 the ensemble added to the evaluation (``pgd.<norm>.ensemble.seconds`` of the metrics).
 
     pip install --no-deps torchattacks          # for this benchmark only
-    python benchmarks/ensemble_crosscheck.py                    # every job and variant evaluated
+    python benchmarks/ensemble_crosscheck.py                    # every job and variant, the gated ε
+    python benchmarks/ensemble_crosscheck.py --all-eps          # every ε of the grid (slow)
     python benchmarks/ensemble_crosscheck.py --jobs nodule2d --variants hardened --queries 5000
 
 Run from the repository root after ``make run`` (it reads ``artifacts/`` and ``metrics/``).
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -45,6 +47,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from ctharden.attacks.pgd import predict_broken  # noqa: E402
 from ctharden.config.params import load_params  # noqa: E402
+from ctharden.gate.criteria import gate_settings  # noqa: E402
 from ctharden.stages.evaluate import prepare_job  # noqa: E402
 
 INSTALL_HINT = "pip install --no-deps torchattacks"
@@ -102,9 +105,19 @@ def torchattacks_broken(ta: Any, model: nn.Module, x: torch.Tensor, y: torch.Ten
     return out
 
 
+def gated_eps(params: dict[str, Any], job: str) -> set[tuple[str, float]]:
+    """``(norm, ε)`` of the job's robust-accuracy gate criteria."""
+    out = set()
+    for c in gate_settings(params, job).criteria:
+        m = re.match(r"^robust_(linf|l2)_acc_eps(.+)$", c.name)
+        if m:
+            out.add((m.group(1), float(m.group(2))))
+    return out
+
+
 def crosscheck(params: dict[str, Any], job: str, variant: str, ta: Any, steps: int, queries: int | None,
-               seed: int) -> list[dict[str, Any]]:
-    """One row per norm and ε of the job's ensemble outcomes."""
+               seed: int, only_gated: bool) -> list[dict[str, Any]]:
+    """One row per norm and ε of the job's ensemble outcomes (the gated ε only with ``only_gated``)."""
     outcomes_path = ROOT / "metrics" / "outcomes" / variant / f"{job}.json"
     metrics_path = ROOT / METRICS[variant]
     if not outcomes_path.exists() or not metrics_path.exists():
@@ -127,8 +140,9 @@ def crosscheck(params: dict[str, Any], job: str, variant: str, ta: Any, steps: i
         q = queries or ens.get("square_queries") or 1000
         ids = [index[s] for s in block["ids"]]
         x_all, y_all = ctx.data.x[ids], ctx.data.y[ids]
+        gated = gated_eps(params, job)
         for j, e in enumerate(curve["eps"]):
-            if e == 0:
+            if e == 0 or (only_gated and (norm, float(e)) not in gated):
                 continue
             broken = torch.tensor(block["broken"][f"{e:g}"])
             keep = (~broken).nonzero().flatten()
@@ -170,6 +184,7 @@ def main() -> None:
     ap.add_argument("--queries", type=int, default=None, help="torchattacks Square queries (default: the evaluation's)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--profile", default="default")
+    ap.add_argument("--all-eps", action="store_true", help="every ε of the grid, not only the gated ones")
     args = ap.parse_args()
     try:
         import torchattacks as ta
@@ -179,7 +194,7 @@ def main() -> None:
     print(f"torchattacks {ta.__version__}, torch {torch.__version__}, {torch.get_num_threads()} threads\n")
     print(HEADER)
     rows = [r for job in args.jobs for v in args.variants
-            for r in crosscheck(params, job, v, ta, args.steps, args.queries, args.seed)]
+            for r in crosscheck(params, job, v, ta, args.steps, args.queries, args.seed, not args.all_eps)]
     bad = [r for r in rows if r["ta_extra"] > 1]
     print(f"\n{len(rows)} job/norm/ε rows; torchattacks broke more than one sample ctharden reported as "
           f"surviving in {len(bad)} of them.")

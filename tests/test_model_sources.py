@@ -279,3 +279,28 @@ def test_missing_contract_and_reference(plain: nn.Module, tmp_path: Path) -> Non
     with pytest.raises(DataError, match="no such model file"):
         load_any(tmp_path / "absent.pt2", contract(ZSCORE))
     assert np.isfinite(1.0)
+
+
+def test_channels_display_inputs_and_ctharden_files(tmp_path: Path) -> None:
+    from ctharden.models import CTClassifier, build_model
+    from ctharden.models.files import save_model
+
+    seen: list[Tensor] = []
+
+    class ThreeChannel(nn.Module):
+        def forward(self, x: Tensor) -> Tensor:
+            seen.append(x)
+            return x.mean(dim=(1, 2, 3)) - 0.5
+
+    rgb = ExternalClassifier(ThreeChannel(), contract({"spatial_dims": 2, "input_shape": [SIDE, SIDE], "channels": 3,
+                                                       "input": {"kind": "display"}}), "memory")
+    x = torch.rand(4, SIDE, SIDE)  # channel-less, as the datasets store it
+    assert torch.equal(rgb.to_input(x), x) and rgb.window_hu is None
+    rgb(x)
+    assert seen[-1].shape == (4, 3, SIDE, SIDE) and torch.equal(seen[-1][:, 0], seen[-1][:, 2])
+    with pytest.raises(ValueError, match="no HU equivalent"):
+        rgb.eps_to_hu(0.01)
+    own = build_model("nodule3d", spatial_dims=3, window_hu=(-1000.0, 400.0), width=2)
+    path = save_model(tmp_path / "model.pt", own)
+    loaded = load_any(path)
+    assert isinstance(loaded, CTClassifier) and not isinstance(loaded, ExternalClassifier)
