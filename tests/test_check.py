@@ -55,9 +55,9 @@ def team(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     generate_synthetic("nodule3d", ds, n=24, seed=5, n_folds=2, test_fraction=0.3)
     report = validate_dataset(ds, root / "validation")
     assert report.success
-    raw = load_arrayset(ds, nn.Identity()).raw
-    x = ((raw - WINDOW[0]) / (WINDOW[1] - WINDOW[0])).clamp(0, 1).unsqueeze(1)
-    y = torch.as_tensor(load_arrayset(ds, nn.Identity()).y)
+    arrays = load_arrayset(ds, nn.Identity())
+    x = ((arrays.raw - WINDOW[0]) / (WINDOW[1] - WINDOW[0])).clamp(0, 1).unsqueeze(1)
+    y = arrays.y
     torch.manual_seed(0)
     net = TeamNet()
     opt = torch.optim.Adam(net.parameters(), lr=1e-2)

@@ -295,6 +295,16 @@ def slice_arg(value: Any, sl: slice, n: int) -> Any:
     return value
 
 
+def repeat_over_eps(x: Tensor, y: Tensor, eps_values: Sequence[float]) -> tuple[Tensor, Tensor, Tensor]:
+    """One batch for an attack at every ε: ``x`` ``(N, ...)`` and ``y`` ``(N,)`` repeated once per
+    ε (ε-major: rows ``i·N … (i+1)·N`` belong to ``eps_values[i]``) and the per-sample ε ``(N·M,)``."""
+    n, m = x.shape[0], len(eps_values)
+    xs = x.repeat(m, *([1] * (x.dim() - 1)))
+    ys = torch.as_tensor(y, device=x.device).repeat(m)
+    eps = torch.tensor([float(e) for e in eps_values], dtype=torch.float32, device=x.device).repeat_interleave(n)
+    return xs, ys, eps
+
+
 def batch_slices(n: int, batch_size: int | None) -> list[slice]:
     if batch_size is None:
         return [slice(0, n)]

@@ -53,6 +53,7 @@ from ctharden.attacks.common import (
     check_x,
     per_sample,
     prepare_batch,
+    repeat_over_eps,
 )
 from ctharden.attacks.losses import AttackError, margin_loss
 from ctharden.attacks.pgd import pgd
@@ -294,10 +295,8 @@ def ensemble_sweep(
     values = [float(e) for e in eps_values]
     if not values:
         return {}
-    n, m = x.shape[0], len(values)
-    xs = x.repeat(m, *([1] * (x.dim() - 1)))
-    ys = torch.as_tensor(y, device=x.device).repeat(m)
-    eps = torch.tensor(values, dtype=torch.float32, device=x.device).repeat_interleave(n)
+    n = x.shape[0]
+    xs, ys, eps = repeat_over_eps(x, y, values)
     prior = None
     if pgd_x_adv is not None:
         missing = [e for e in values if e not in pgd_x_adv]

@@ -66,6 +66,7 @@ from ctharden.attacks.common import (
     project,
     random_in_ball,
     random_on_sphere,
+    repeat_over_eps,
     use_bf16,
 )
 from ctharden.attacks.losses import AttackError, attack_loss
@@ -173,10 +174,8 @@ def _pgd_sweep(
     """PGD at every ε in one batched attack: the batch is ``x`` repeated once per ε with a
     per-sample ε (every sample and ε is an independent chain, so this equals one attack per ε up to
     the random starts, and amortises the per-step overhead over ``len(eps) × N`` samples)."""
-    n, m = x.shape[0], len(eps_values)
-    xs = x.repeat(m, *([1] * (x.dim() - 1)))
-    ys = torch.as_tensor(y, device=x.device).repeat(m)
-    eps = torch.tensor(eps_values, dtype=torch.float32, device=x.device).repeat_interleave(n)
+    n = x.shape[0]
+    xs, ys, eps = repeat_over_eps(x, y, eps_values)
     xa, broken, traces = _pgd_traced(model, xs, ys, eps, **kwargs)
     out = {}
     for i, e in enumerate(eps_values):

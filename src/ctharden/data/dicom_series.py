@@ -24,18 +24,21 @@ from ctharden.core.errors import DataError
 AIR_HU = -1024.0
 
 
-def _looks_like_dicom(path: Path) -> bool:
-    """``.dcm`` files, or files with the DICM magic at byte 128 (TCIA files sometimes lack a suffix)."""
-    if path.suffix.lower() == ".dcm":
-        return True
-    if path.suffix:
-        return False
+def has_dicm_magic(path: Path) -> bool:
+    """Whether ``path`` carries the DICOM ``DICM`` magic at byte 128 (False if unreadable)."""
     try:
         with open(path, "rb") as fh:
             fh.seek(128)
             return fh.read(4) == b"DICM"
     except OSError:
         return False
+
+
+def _looks_like_dicom(path: Path) -> bool:
+    """``.dcm`` files, or files with the DICM magic at byte 128 (TCIA files sometimes lack a suffix)."""
+    if path.suffix.lower() == ".dcm":
+        return True
+    return not path.suffix and has_dicm_magic(path)
 
 
 def find_series(root: str | os.PathLike[str]) -> dict[str, list[Path]]:

@@ -62,7 +62,7 @@ from ctharden.core.errors import ConfigError, DataError
 from ctharden.core.io import sha256_file
 from ctharden.data.covid import IMAGE_EXTENSIONS, decode_grayscale
 from ctharden.data.dataset import DatasetWriter, TaskSpec, is_safe_id, read_info, read_manifest, task_spec
-from ctharden.data.dicom_series import AIR_HU, find_series, load_volume
+from ctharden.data.dicom_series import AIR_HU, find_series, has_dicm_magic, load_volume
 
 __all__ = ["FORMATS", "OPTIONAL_COLUMNS", "REQUIRED_COLUMNS", "SOURCE", "ingest_table"]
 
@@ -124,15 +124,6 @@ def _row_error(manifest: Path, where: str, message: str) -> DataError:
 # --------------------------------------------------------------------------------------- manifest
 
 
-def _has_dicm_magic(path: Path) -> bool:
-    try:
-        with open(path, "rb") as fh:
-            fh.seek(128)
-            return fh.read(4) == b"DICM"
-    except OSError:
-        return False
-
-
 def _format_of(path: Path) -> str | None:
     """The reader for ``path`` (one of :data:`FORMATS`) from its kind and name; None if unsupported."""
     name = path.name.lower()
@@ -144,7 +135,7 @@ def _format_of(path: Path) -> str | None:
         return "npy"
     if path.suffix.lower() in IMAGE_EXTENSIONS:
         return "image"
-    if path.suffix.lower() in _DICOM_SUFFIXES or (not path.suffix and _has_dicm_magic(path)):
+    if path.suffix.lower() in _DICOM_SUFFIXES or (not path.suffix and has_dicm_magic(path)):
         return "dicom"
     return None
 

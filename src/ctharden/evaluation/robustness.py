@@ -53,6 +53,7 @@ from ctharden.attacks.ensemble import ENSEMBLE_ATTACKS, check_gradient_masking, 
 from ctharden.attacks.nps import InputMap, NPSAttackResult
 from ctharden.attacks.nps_metrics import sar_above_curve
 from ctharden.attacks.pgd import normalized_area, predict_broken
+from ctharden.attacks.sanity import SanityReport
 from ctharden.config import choices
 from ctharden.config.robustness import IntervalSettings, RobustnessSettings
 from ctharden.core.device import select_runtime
@@ -249,7 +250,8 @@ def pgd_samples(data: ArraySet, settings: RobustnessSettings, seed: int) -> np.n
 
 
 def ensemble_block(model: nn.Module, x: Tensor, y: Tensor, eps: Sequence[float], settings: RobustnessSettings,
-                   norm: str, report: Any, clean_broken: Tensor, *, seed: int) -> tuple[dict[str, Any], dict[str, Any]]:
+                   norm: str, report: SanityReport, clean_broken: Tensor, *,
+                   seed: int) -> tuple[dict[str, Any], dict[str, Any]]:
     """The attack ensemble (``pgd.attacks``) at every listed ε on the PGD samples ``x`` ``(N, ...)``,
     starting from the sanity sweep's PGD outputs: ``(block, outcomes)``. ``block``: per ε (ε = 0
     first: the clean fp32 decision) the worst-case accuracy and survivors, per member the samples

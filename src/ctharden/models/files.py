@@ -50,7 +50,11 @@ def save_model(path: str | os.PathLike[str], model: torch.nn.Module, meta: dict[
 
 def load_model(path: str | os.PathLike[str]) -> tuple[CTClassifier, dict[str, Any]]:
     """Rebuild the model saved by :func:`save_model`; returns ``(model in eval mode, meta)``."""
-    blob = load_file(path)
+    return model_from_blob(load_file(path), path)
+
+
+def model_from_blob(blob: Any, path: str | os.PathLike[str]) -> tuple[CTClassifier, dict[str, Any]]:
+    """The model of an already loaded model file ``blob`` (``path`` names it in errors)."""
     if not isinstance(blob, dict) or blob.get("format") != MODEL_FORMAT:
         raise DataError(f"{path}: not a ctharden model file (expected format {MODEL_FORMAT})")
     model = model_from_config(blob["config"])

@@ -27,7 +27,7 @@ import os
 import pickle
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -36,7 +36,7 @@ from torch import nn
 from ctharden.config.schema import ModelContract
 from ctharden.core.errors import DataError
 from ctharden.models.external import ExternalClassifier
-from ctharden.models.files import MODEL_FORMAT, load_model
+from ctharden.models.files import MODEL_FORMAT, model_from_blob
 
 EXPORT_HINT = ("export it instead: torch.jit.save(torch.jit.script(model), 'model.ts'), "
                "torch.export.save(torch.export.export(model, (example,)), 'model.pt2'), "
@@ -132,25 +132,29 @@ def _from_factory(path: Path, factory: str, trust_code: bool) -> nn.Module:
     return net
 
 
-def _torch_file(path: Path, trust_code: bool, what: str = "") -> tuple[nn.Module, str]:
-    """A TorchScript or pt2 file (or a pickled module when ``trust_code``) -> ``(net, source)``."""
-    kind = archive_kind(path)
+def _not_a_network(path: Path, blob: Any) -> DataError:
+    """The error for a weights-only torch file that holds no loadable network."""
+    if isinstance(blob, dict) and blob.get("format") == MODEL_FORMAT:
+        return DataError(f"{path}: a ctharden model file (load it without a contract)")
+    if isinstance(blob, dict):
+        return DataError(f"{path}: a state_dict without the network; pass --factory package.module:function "
+                         "--trust-code to build it")
+    return DataError(f"{path}: not a TorchScript, torch.export or ctharden model file; {EXPORT_HINT}")
+
+
+def _torch_file(path: Path, kind: str, *, trust_pickle: bool = False) -> nn.Module:
+    """The network in a TorchScript or pt2 file (``kind`` from :func:`archive_kind`), or in a
+    pickled file when ``trust_pickle``; anything else is a :class:`DataError`."""
     if kind == "torchscript":
-        return torch.jit.load(str(path), map_location="cpu"), "torchscript"  # type: ignore[no-untyped-call]
+        return torch.jit.load(str(path), map_location="cpu")  # type: ignore[no-untyped-call,no-any-return]
     if kind == "export":
         try:
-            return torch.export.load(str(path)).module(), "export"
+            return torch.export.load(str(path)).module()
         except Exception as exc:  # torch.export raises several types on a bad archive
             raise DataError(f"{path}: not a loadable torch.export program ({str(exc).splitlines()[0]})") from None
-    if kind == "pickle" and trust_code and what == "mlflow":
-        return torch.load(path, map_location="cpu", weights_only=False), "mlflow-pickle"
-    blob = _weights(path)
-    if isinstance(blob, dict) and blob.get("format") == MODEL_FORMAT:
-        raise DataError(f"{path}: a ctharden model file (load it without a contract)")
-    if isinstance(blob, dict):
-        raise DataError(f"{path}: a state_dict without the network; pass --factory package.module:function "
-                        "--trust-code to build it")
-    raise DataError(f"{path}: not a TorchScript, torch.export or ctharden model file; {EXPORT_HINT}")
+    if kind == "pickle" and trust_pickle:
+        return cast(nn.Module, torch.load(path, map_location="cpu", weights_only=False))
+    raise _not_a_network(path, _weights(path))  # _weights refuses a pickled module itself
 
 
 def _mlflow_dir(ref: str) -> Path:
@@ -182,11 +186,11 @@ def _from_mlflow(ref: str, trust_code: bool) -> tuple[nn.Module, str]:
     data = root / str(flavor.get("model_data", "data"))
     for name in ("model.pt2", "model.pth"):
         if (data / name).is_file():
-            if archive_kind(data / name) == "pickle" and not trust_code:
+            kind = archive_kind(data / name)
+            if kind == "pickle" and not trust_code:
                 raise DataError(f"{ref}: a pickled MLflow pytorch model; loading it runs arbitrary code: pass "
                                 "--trust-code if you trust it, or log it with serialization_format='pt2'")
-            net, source = _torch_file(data / name, trust_code, "mlflow")
-            return net, "mlflow" if source != "mlflow-pickle" else source
+            return _torch_file(data / name, kind, trust_pickle=trust_code), "mlflow"
     raise DataError(f"{ref}: the pytorch flavour has no model.pt2 or model.pth under {data}")
 
 
@@ -207,14 +211,13 @@ def load_any(
     is_mlflow = text.startswith(MLFLOW_PREFIXES) or (path.is_dir() and (path / "MLmodel").is_file())
     if not is_mlflow and not path.exists():
         raise DataError(f"{ref}: no such model file or directory, and not a runs:/ or models:/ URI")
-    if path.is_file() and factory is None and archive_kind(path) == "pickle":
-        try:
-            blob = _weights(path)
-        except DataError:
-            blob = None
+    kind = archive_kind(path) if path.is_file() else "unknown"
+    if factory is None and kind == "pickle":
+        blob = _weights(path)  # a pickled module is refused here
         if isinstance(blob, dict) and blob.get("format") == MODEL_FORMAT:
-            own, _ = load_model(path)
+            own, _ = model_from_blob(blob, path)
             return own
+        raise _not_a_network(path, blob)
     if contract is None:
         raise DataError(f"{ref}: a model ctharden did not build needs a contract (--contract FILE.yaml): "
                         "spatial dims, input shape, input scaling, output kind")
@@ -226,11 +229,9 @@ def load_any(
     elif path.suffix.lower() == ".onnx":
         net, source, gradients, trainable = OnnxModule(path), "onnx", False, False
     elif path.is_file():
-        net, source = _torch_file(path, trust_code)
+        net, source = _torch_file(path, kind), kind
     else:
         raise DataError(f"{ref}: a directory that is not an MLflow model (no MLmodel file)")
-    if source == "mlflow-pickle":
-        source = "mlflow"
     if isinstance(net, torch.fx.GraphModule) and not isinstance(net, torch.jit.ScriptModule):
         trainable = False  # a torch.export program: frozen in the mode it was exported in
     external = ExternalClassifier(net, contract, source, gradients=gradients, trainable=trainable)
