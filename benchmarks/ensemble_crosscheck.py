@@ -23,7 +23,7 @@ the ensemble added to the evaluation (``pgd.<norm>.ensemble.seconds`` of the met
 
     pip install --no-deps torchattacks          # for this benchmark only
     python benchmarks/ensemble_crosscheck.py                    # every job and variant, the gated ε
-    python benchmarks/ensemble_crosscheck.py --all-eps          # every ε of the grid (slow)
+    python benchmarks/ensemble_crosscheck.py --all-eps          # every ε the ensemble ran at
     python benchmarks/ensemble_crosscheck.py --jobs nodule2d --variants hardened --queries 5000
 
 Run from the repository root after ``make run`` (it reads ``artifacts/`` and ``metrics/``).
@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 import time
 from pathlib import Path
@@ -47,7 +46,8 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from ctharden.attacks.pgd import predict_broken  # noqa: E402
 from ctharden.config.params import load_params  # noqa: E402
-from ctharden.gate.criteria import gate_settings  # noqa: E402
+from ctharden.evaluation.headline import ensemble_eps  # noqa: E402
+from ctharden.gate.criteria import gate_settings, gated_eps  # noqa: E402
 from ctharden.stages.evaluate import prepare_job  # noqa: E402
 
 INSTALL_HINT = "pip install --no-deps torchattacks"
@@ -105,14 +105,9 @@ def torchattacks_broken(ta: Any, model: nn.Module, x: torch.Tensor, y: torch.Ten
     return out
 
 
-def gated_eps(params: dict[str, Any], job: str) -> set[tuple[str, float]]:
+def gated(params: dict[str, Any], job: str) -> set[tuple[str, float]]:
     """``(norm, ε)`` of the job's robust-accuracy gate criteria."""
-    out = set()
-    for c in gate_settings(params, job).criteria:
-        m = re.match(r"^robust_(linf|l2)_acc_eps(.+)$", c.name)
-        if m:
-            out.add((m.group(1), float(m.group(2))))
-    return out
+    return {(norm, e) for norm, eps in gated_eps(gate_settings(params, job)).items() for e in eps}
 
 
 def crosscheck(params: dict[str, Any], job: str, variant: str, ta: Any, steps: int, queries: int | None,
@@ -140,14 +135,15 @@ def crosscheck(params: dict[str, Any], job: str, variant: str, ta: Any, steps: i
         q = queries or ens.get("square_queries") or 1000
         ids = [index[s] for s in block["ids"]]
         x_all, y_all = ctx.data.x[ids], ctx.data.y[ids]
-        gated = gated_eps(params, job)
-        for j, e in enumerate(curve["eps"]):
-            if e == 0 or (only_gated and (norm, float(e)) not in gated):
+        judged = gated(params, job)
+        pgd_survived = dict(zip(curve["eps"], curve["survived"], strict=True))
+        for j, e in enumerate(ensemble_eps(curve)):  # the ε where the ensemble ran
+            if e == 0 or (only_gated and (norm, float(e)) not in judged):
                 continue
             broken = torch.tensor(block["broken"][f"{e:g}"])
             keep = (~broken).nonzero().flatten()
             row = {"job": job, "variant": variant, "norm": norm, "eps": e, "n": len(ids),
-                   "pgd_survived": curve["survived"][j], "ensemble_survived": ens["survived"][j],
+                   "pgd_survived": pgd_survived[e], "ensemble_survived": ens["survived"][j],
                    "attacked": int(keep.numel()), "queries": q, "ensemble_seconds": ens["seconds"]}
             if keep.numel():
                 got = torchattacks_broken(ta, model, x_all[keep], y_all[keep], e, norm, steps, q, seed)
@@ -184,7 +180,7 @@ def main() -> None:
     ap.add_argument("--queries", type=int, default=None, help="torchattacks Square queries (default: the evaluation's)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--profile", default="default")
-    ap.add_argument("--all-eps", action="store_true", help="every ε of the grid, not only the gated ones")
+    ap.add_argument("--all-eps", action="store_true", help="every ε the ensemble ran at, not only the gated ones")
     args = ap.parse_args()
     try:
         import torchattacks as ta

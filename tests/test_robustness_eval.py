@@ -76,8 +76,26 @@ def accurate_model(dataset: Path) -> nn.Module:
 @pytest.fixture(scope="module")
 def evaluated(model: nn.Module, dataset: Path) -> tuple[dict, dict, ArraySet]:
     data = load_arrayset(dataset, model)
-    result, visuals = evaluate_robustness(model, data, parse_settings(SETTINGS), seed=7)
+    # the gate judges L∞ at 0.02 only: the whole ensemble runs there (and at the one L2 ε, the
+    # sanity checks' check_eps of a norm the gate does not judge), 20-PGD alone at 0.003
+    settings = parse_settings(SETTINGS).with_gated_eps({"linf": [0.02]})
+    result, visuals = evaluate_robustness(model, data, settings, seed=7)
     return result, visuals, data
+
+
+def test_the_ensemble_runs_at_the_gated_eps_and_pgd_alone_elsewhere(evaluated: tuple[dict, dict, ArraySet]) -> None:
+    result, _, _ = evaluated
+    linf, l2 = result["pgd"]["linf"], result["pgd"]["l2"]
+    assert linf["eps"] == [0.0, 0.003, 0.02] and linf["ensemble"]["eps"] == [0.0, 0.02]
+    assert linf["ensemble"]["scope"] == "gated" and linf["ensemble"]["auc"] is None
+    assert l2["ensemble"]["eps"] == [0.0, 0.3] and l2["ensemble"]["scope"] == "all"
+    assert all(len(v["attacked"]) == 1 for v in linf["ensemble"]["per_attack"].values())
+    flat = headline_metrics(result)
+    assert "robust_ensemble_linf_acc_eps0.02" in flat and "robust_ensemble_linf_acc_eps0.003" not in flat
+    assert flat["robust_ensemble_linf_acc_eps0.02"] <= flat["robust_pgd_linf_acc_eps0.02"]
+    assert set(result["outcomes"]["ensemble_linf"]["broken"]) == {"0", "0.02"}
+    assert "robust_ensemble_linf_acc_eps0.02" in result["intervals"]
+    assert "robust_ensemble_linf_acc_eps0.003" not in result["intervals"]
 
 
 def test_result_has_every_part_and_is_json(evaluated: tuple[dict, dict, ArraySet]) -> None:
@@ -153,6 +171,8 @@ def test_report_files_exist_and_parse(evaluated: tuple[dict, dict, ArraySet], mo
         acc = list(csv.DictReader(f))
     assert float(acc[0]["eps"]) == 0.0 and float(acc[-1]["eps_hu"]) == pytest.approx(28.0)
     assert float(acc[-1]["ensemble_accuracy"]) <= float(acc[-1]["accuracy"]) + 1e-9  # the worst case
+    assert acc[1]["ensemble_accuracy"] == ""  # ε 0.003: PGD alone
+    assert "PGD only (ensemble at the gated ε)" in text
     with open(tmp_path / "plots" / "sar_above_random_test.csv", newline="") as f:
         sar = list(csv.DictReader(f))
     assert len(sar) == 21 and set(sar[0]) == {"sar_level", "mas10", "mas100", "mas500"}

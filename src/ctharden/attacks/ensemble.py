@@ -9,7 +9,8 @@ attack broke are left out), and a sample counts as broken when any attack breaks
 Members, always run in this order (``attacks`` picks a subset; its order does not matter):
 
 =================  ==========================================================================
-``pgd``            :func:`ctharden.attacks.pgd.pgd` with ``loss="both"`` (a CE and a margin run)
+``pgd``            :func:`ctharden.attacks.pgd.pgd` with ``pgd_loss`` (default ``"margin"``; ``"both"``
+                   adds a CE run from the same start)
 ``apgd-ce``        :func:`ctharden.attacks.apgd.apgd`, ``loss="ce"``
 ``apgd-margin``    :func:`ctharden.attacks.apgd.apgd`, ``loss="margin"`` (stands in for
                    AutoAttack's APGD-DLR, which needs three or more classes)
@@ -199,6 +200,7 @@ def attack_ensemble(
     autocast: bool = False,
     batch_size: int | None = None,
     pgd_x_adv: Tensor | None = None,
+    pgd_loss: str = "margin",
 ) -> EnsembleResult:
     """Run the ensemble (see the module doc) and return the per-sample worst case.
 
@@ -217,6 +219,9 @@ def attack_ensemble(
         pgd_x_adv: ``(N, ...)`` outputs of a PGD run with these settings made earlier (the
             evaluation's sanity sweep); the ``pgd`` member then takes them instead of attacking
             again. They are re-decided and budget-checked like every member's output.
+        pgd_loss: the ``pgd`` member's loss (``margin``, ``ce`` or ``both``). For a binary
+            classifier CE is a decreasing function of the margin, so from one start both runs take
+            the same sign (L∞) or normalised (L2) steps; ``both`` only adds CE's saturation.
     """
     check_choice("norm", norm, NORMS)
     names = _members(attacks)
@@ -251,7 +256,7 @@ def attack_ensemble(
                 if name == "pgd" and pgd_x_adv is not None:
                     xa = pgd_x_adv[idx].to(x_ref.dtype)
                 elif name == "pgd":
-                    xa, _ = pgd(model, xs, ys, es, steps=steps, restarts=restarts, loss="both",
+                    xa, _ = pgd(model, xs, ys, es, steps=steps, restarts=restarts, loss=pgd_loss,
                                 autocast=autocast, early_stop=True, **common)
                 elif name in ("apgd-ce", "apgd-margin"):
                     xa, _ = apgd(model, xs, ys, es, steps=steps, restarts=restarts, loss=name[5:],

@@ -516,7 +516,7 @@ def run_sanity_checks(
 
 def pgd_accuracy(
     model: nn.Module, x: Tensor, y: Tensor, eps_values: Sequence[float], *, norm: str = "linf", steps: int = 100,
-    restarts: int = 1, loss: str = "both", autocast: bool = True, clip: Any = (0.0, 1.0),
+    restarts: int = 1, loss: str = "margin", autocast: bool = True, clip: Any = (0.0, 1.0),
 ) -> list[float]:
     """Robust accuracy of ``steps``-PGD at every ε (one batched, early-stopping attack; fp32 verdicts).
 

@@ -48,7 +48,7 @@ class PGDSettings:
     l2: list[float] = field(default_factory=list)
     steps: int = 100
     restarts: int = 1
-    loss: str = "both"
+    loss: str = "margin"
     max_samples: int | None = None  # test samples attacked
     autocast: bool = True
     tolerance: float = 0.05  # sanity-check slack (shares of samples)
@@ -56,6 +56,23 @@ class PGDSettings:
     #: the attack ensemble at every listed ε (robust accuracy = worst case over the members)
     attacks: tuple[str, ...] = choices.ENSEMBLE_ATTACKS
     square_queries: int = 1000  # Square's query budget per sample
+    #: where the members after PGD run: ``gated`` (the ε the gate judges, :attr:`gated_eps`) or ``all``
+    ensemble_eps: str = "gated"
+    #: per norm, the ε of the gate's robust-accuracy criteria (set by :meth:`RobustnessSettings.with_gated_eps`)
+    gated_eps: dict[str, list[float]] = field(default_factory=dict)
+
+    def ensemble_at(self, norm: str, fallback: float | None) -> list[float]:
+        """The ε (of this norm's list) at which the whole ensemble runs: every listed ε for
+        ``ensemble_eps: all``; else the gated ε that are listed, or, where the gate judges none of
+        them, ``fallback`` (the sanity checks' ``check_eps``: where the attack has most room to be
+        better or worse), so gradient masking is looked for in every norm."""
+        listed = list(getattr(self, norm))
+        if self.ensemble_eps == "all":
+            return listed
+        gated = sorted(e for e in self.gated_eps.get(norm, []) if e in listed)
+        if gated:
+            return gated
+        return [fallback] if fallback is not None and fallback in listed else listed[:1]
 
 
 @dataclass(frozen=True)
@@ -113,6 +130,11 @@ class RobustnessSettings:
             pgd = replace(pgd, max_samples=caps["pgd"])
         return replace(self, optimized=opt, pgd=pgd, planned_caps={**self.planned_caps, **caps})
 
+    def with_gated_eps(self, gated: dict[str, list[float]]) -> RobustnessSettings:
+        """These settings with the gate's robust-accuracy ε per norm (where ``ensemble_eps: gated``
+        runs the whole attack ensemble)."""
+        return replace(self, pgd=replace(self.pgd, gated_eps={k: sorted(v) for k, v in gated.items()}))
+
     def for_width(self, width: int) -> RobustnessSettings:
         """These settings with ``spacing_mm = fov_mm / width`` when a field of view is given."""
         if self.fov_mm is None:
@@ -150,7 +172,7 @@ def parse_settings(cfg: dict[str, Any]) -> RobustnessSettings:
         pgd=PGDSettings(linf=sorted(set(pgd.linf or ())), l2=sorted(set(pgd.l2 or ())), steps=pgd.steps,
                         restarts=pgd.restarts, loss=pgd.loss, max_samples=cap(pgd.max_samples), autocast=pgd.autocast,
                         tolerance=pgd.tolerance, n_random=pgd.n_random, attacks=tuple(pgd.attacks),
-                        square_queries=pgd.square_queries),
+                        square_queries=pgd.square_queries, ensemble_eps=pgd.ensemble_eps),
         examples=m.examples,
         intervals=IntervalSettings(level=m.intervals.level, method=m.intervals.method,
                                    bootstrap=m.intervals.bootstrap),

@@ -309,7 +309,7 @@ class PgdBlock(_Model):
     l2: list[PosNumber] | None = None
     steps: PosInt = 100
     restarts: PosInt = 1
-    loss: AttackLoss = "both"
+    loss: AttackLoss = "margin"
     max_samples: PosInt | Literal["plan"] | None = None  # plan: the gate's sample planner sets it
     autocast: StrictBool = True
     tolerance: PosNumber = 0.05
@@ -324,6 +324,7 @@ class PgdBlock(_Model):
             raise ValueError(f"lists an attack twice: {v}")
         return v
     square_queries: PosInt = 1000
+    ensemble_eps: Literal["gated", "all"] = "gated"  # gated: the members after PGD at the gate's ε only
 
 
 class InputScaling(_Model):

@@ -30,6 +30,7 @@ from ctharden.evaluation.headline import (
     NPS_RESULT_KEYS,
     clean_metric_name,
     ensemble_accuracy_name,
+    ensemble_eps,
     pgd_accuracy_name,
     san_rate_name,
 )
@@ -73,8 +74,8 @@ def pgd_intervals(result: Mapping[str, Any], level: float, method: str) -> dict[
     for norm, c in result["pgd"].items():
         for e, k in zip(c["eps"], c["survived"], strict=True):
             out[pgd_accuracy_name(norm, e)] = _rate(k, c["n"], level, method)
-        if "ensemble" in c:
-            for e, k in zip(c["eps"], c["ensemble"]["survived"], strict=True):
+        if c.get("ensemble"):
+            for e, k in zip(ensemble_eps(c), c["ensemble"]["survived"], strict=True):
                 out[ensemble_accuracy_name(norm, e)] = _rate(k, c["n"], level, method)
     return out
 

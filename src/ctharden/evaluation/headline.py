@@ -38,6 +38,16 @@ def ensemble_accuracy_name(norm: str, eps: float) -> str:
     return f"robust_ensemble_{norm}_acc_eps{eps:g}"
 
 
+def ensemble_eps(curve: Mapping[str, Any]) -> list[float]:
+    """The ε (ε = 0 first) at which a PGD curve's attack ensemble ran: its own ``eps`` list (the
+    gated ε under ``robustness.pgd.ensemble_eps: gated``), or, in results written before that
+    option existed, every ε of the curve; empty without an ensemble."""
+    ens = curve.get("ensemble")
+    if not ens:
+        return []
+    return [float(e) for e in ens.get("eps", curve["eps"])]
+
+
 def pgd_area_name(norm: str) -> str:
     """Normalised area under the 100-PGD accuracy-vs-ε curve for ``norm``."""
     return f"robust_pgd_{norm}_auc"
@@ -54,8 +64,8 @@ def headline_metrics(result: Mapping[str, Any]) -> dict[str, float]:
         out[pgd_area_name(norm)] = float(c["auc"])
         for e, a in zip(c["eps"], c["accuracy"], strict=True):
             out[pgd_accuracy_name(norm, e)] = float(a)
-        if "ensemble" in c:
-            for e, a in zip(c["eps"], c["ensemble"]["accuracy"], strict=True):
+        if c.get("ensemble"):
+            for e, a in zip(ensemble_eps(c), c["ensemble"]["accuracy"], strict=True):
                 out[ensemble_accuracy_name(norm, e)] = float(a)
     out[SANITY_PASSED] = float(result["sanity_passed"])
     if result["clean"].get("test", {}).get("auc") is not None:

@@ -252,34 +252,43 @@ def pgd_samples(data: ArraySet, settings: RobustnessSettings, seed: int) -> np.n
 def ensemble_block(model: nn.Module, x: Tensor, y: Tensor, eps: Sequence[float], settings: RobustnessSettings,
                    norm: str, report: SanityReport, clean_broken: Tensor, *,
                    seed: int) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The attack ensemble (``pgd.attacks``) at every listed ε on the PGD samples ``x`` ``(N, ...)``,
-    starting from the sanity sweep's PGD outputs: ``(block, outcomes)``. ``block``: per ε (ε = 0
-    first: the clean fp32 decision) the worst-case accuracy and survivors, per member the samples
-    it attacked and broke, the samples only Square broke (``masked``), and the seconds it took.
-    Appends the ``gradient_masking`` check to ``report``. Seeds its own generator from
-    ``(seed, 42, norm index)``."""
+    """The attack ensemble (``pgd.attacks``) on the PGD samples ``x`` ``(N, ...)`` at the ε of
+    :meth:`~ctharden.config.robustness.PGDSettings.ensemble_at` (the gated ε by default; every
+    listed ε with ``ensemble_eps: all``), starting from the sanity sweep's PGD outputs:
+    ``(block, outcomes)``. ``block``: ``eps`` (ε = 0 first: the clean fp32 decision, then the
+    ensemble's ε), per ε the worst-case accuracy and survivors, per member the samples it attacked
+    and broke, the samples only Square broke (``masked``), and the seconds it took; ``scope``
+    says which ε it covers (``area`` only when it covers them all). At the other listed ε the
+    curve is PGD's alone. Appends the ``gradient_masking`` check to ``report``. Seeds its own
+    generator from ``(seed, 42, norm index)``."""
     p = settings.pgd
+    at = p.ensemble_at(norm, report.settings.get("check_eps"))
     g = torch.Generator(device=x.device).manual_seed(derive_seed(seed, 42, PGD_NORMS.index(norm)))
     t0 = time.perf_counter()
     runs = ensemble_sweep(
-        model, x, y, eps, pgd_x_adv=report.x_adv if "pgd" in p.attacks else None, norm=norm, attacks=p.attacks,
+        model, x, y, at, pgd_x_adv=report.x_adv if "pgd" in p.attacks else None, norm=norm, attacks=p.attacks,
         steps=p.steps, restarts=p.restarts, square_queries=p.square_queries, autocast=p.autocast, generator=g,
+        pgd_loss=p.loss,
     )
     seconds = time.perf_counter() - t0
     report.checks.append(check_gradient_masking(runs))
-    broken = {0.0: clean_broken, **{e: runs[e].broken.cpu() for e in eps}}
+    broken = {0.0: clean_broken, **{e: runs[e].broken.cpu() for e in at}}
     n = int(x.shape[0])
     members = [a for a in ENSEMBLE_ATTACKS if a in p.attacks]
+    values = [0.0, *at]
+    accuracy = [1.0 - float(broken[e].float().mean()) if n else 0.0 for e in values]
     block = {
+        "eps": values, "scope": "all" if list(at) == list(eps) else "gated",
         "attacks": members, "square_queries": p.square_queries if "square" in members else None,
-        "accuracy": [1.0 - float(broken[e].float().mean()) if n else 0.0 for e in [0.0, *eps]],
-        "survived": [int((~broken[e]).sum()) for e in [0.0, *eps]],
-        "per_attack": {a: {"attacked": [int(runs[e].attacked[a].sum()) for e in eps],
-                           "broken": [int(runs[e].broken_by[a].sum()) for e in eps]} for a in members},
-        "masked": [int(runs[e].masking.sum()) for e in eps],
+        "accuracy": accuracy,
+        "survived": [int((~broken[e]).sum()) for e in values],
+        "per_attack": {a: {"attacked": [int(runs[e].attacked[a].sum()) for e in at],
+                           "broken": [int(runs[e].broken_by[a].sum()) for e in at]} for a in members},
+        "masked": [int(runs[e].masking.sum()) for e in at],
         "seconds": round(seconds, 2),
+        "auc": normalized_area(values, accuracy) if list(at) == list(eps) else None,
     }
-    return block, {f"{e:g}": broken[e].tolist() for e in [0.0, *eps]}
+    return block, {f"{e:g}": broken[e].tolist() for e in values}
 
 
 def pgd_norm_run(
@@ -311,7 +320,7 @@ def pgd_norm_run(
         "auc": normalized_area(values, accuracy), "n": int(len(sub)), "steps": p.steps, "restarts": p.restarts,
         "loss": p.loss, "large_eps": report.settings["large_eps"],
         "accuracy_large_eps": acc[report.settings["large_eps"]],
-        "ensemble": {**ensemble, "auc": normalized_area(values, ensemble["accuracy"])},
+        "ensemble": ensemble,
         OUTCOMES: {"ids": [data.sample_ids[int(i)] for i in sub],
                    "broken": {f"{e:g}": broken[e].tolist() for e in values},
                    "ensemble_broken": ensemble_broken},

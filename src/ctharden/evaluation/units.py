@@ -26,6 +26,7 @@ Model index 0 is the selected model (``clean``, ``pgd`` and ``examples`` use onl
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -50,6 +51,7 @@ from ctharden.evaluation.robustness import (
 )
 from ctharden.noise import NPSModel
 
+log = logging.getLogger(__name__)
 KINDS = ("clean", "random_nps", "optimized_nps", "pgd", "examples")
 NPS_KINDS = ("random_nps", "optimized_nps")
 _TIMING_GROUP = {"clean": "clean", "random_nps": "nps", "optimized_nps": "nps", "pgd": "pgd", "examples": "examples"}
@@ -136,7 +138,11 @@ def _index(value: int | None) -> int:
 def run_units(units: Sequence[EvalUnit], models: Sequence[nn.Module], data: ArraySet, settings: RobustnessSettings,
               *, seed: int, nps: NPSModel | None = None, device: torch.device | None = None) -> list[UnitResult]:
     """:func:`run_unit` for each unit in turn (the serial path)."""
-    return [run_unit(u, models, data, settings, seed=seed, nps=nps, device=device) for u in units]
+    out = []
+    for i, u in enumerate(units):
+        out.append(run_unit(u, models, data, settings, seed=seed, nps=nps, device=device))
+        log.info("evaluation unit %d/%d %s: %.1f s", i + 1, len(units), u.name, out[-1].seconds)
+    return out
 
 
 def _by_unit(units: Sequence[EvalUnit], partials: Sequence[UnitResult]) -> dict[EvalUnit, UnitResult]:

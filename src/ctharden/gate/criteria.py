@@ -65,6 +65,8 @@ class Criterion:
     threshold: float
     kind: str  # one of KINDS: which regression tolerance applies
     description: str
+    norm: str | None = None  # robust accuracy: the attack norm ...
+    eps: float | None = None  # ... and ε (model-input units)
 
     def passes(self, value: float | None) -> bool:
         """Whether a point value meets the threshold (the champion and regression rules use it;
@@ -152,9 +154,20 @@ def _criteria(cfg: GateJob) -> list[Criterion]:
         for eps, t in _levels(acc.get(norm)):
             out.append(Criterion(f"robust_{norm}_acc_eps{eps:g}", ensemble_accuracy_name(norm, eps), ">=", t,
                                  "robust_accuracy",
-                                 f"{NORM_LABEL[norm]} robust accuracy at ε={eps:g} (worst case over the attacks)"))
+                                 f"{NORM_LABEL[norm]} robust accuracy at ε={eps:g} (worst case over the attacks)",
+                                 norm=norm, eps=float(eps)))
     if cfg.sanity:
         out.append(Criterion("sanity", SANITY_PASSED, ">=", 1.0, "sanity", "all evaluation sanity checks pass"))
+    return out
+
+
+def gated_eps(settings: GateSettings) -> dict[str, list[float]]:
+    """Per norm, the ε of the robust-accuracy criteria (where the evaluation runs the whole attack
+    ensemble under ``robustness.pgd.ensemble_eps: gated``)."""
+    out: dict[str, list[float]] = {}
+    for c in settings.criteria:
+        if c.kind == "robust_accuracy" and c.norm is not None and c.eps is not None:
+            out.setdefault(c.norm, []).append(c.eps)
     return out
 
 

@@ -25,7 +25,13 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from ctharden.core.io import atomic_write_text
-from ctharden.evaluation.headline import clean_metric_name, ensemble_accuracy_name, pgd_accuracy_name, san_rate_name
+from ctharden.evaluation.headline import (
+    clean_metric_name,
+    ensemble_accuracy_name,
+    ensemble_eps,
+    pgd_accuracy_name,
+    san_rate_name,
+)
 from ctharden.evaluation.trends import trend_lines
 from ctharden.reporting.plots import csv_text, save_png
 
@@ -87,7 +93,9 @@ def write_plot_data(result: Mapping[str, Any], out_dir: Path) -> list[Path]:
     paths.append(atomic_write_text(out_dir / "san_vs_mas.csv", csv_text(["mas", *cols], rows)))
     for norm, curve in result["pgd"].items():
         hu = curve.get("eps_hu") or [""] * len(curve["eps"])
-        worst = (curve.get("ensemble") or {}).get("accuracy") or [""] * len(curve["eps"])
+        at = _ensemble_index(curve)
+        ens_acc = (curve.get("ensemble") or {}).get("accuracy") or []
+        worst = [ens_acc[at[float(e)]] if float(e) in at else "" for e in curve["eps"]]
         rows = [[e, h, a, w] for e, h, a, w in zip(curve["eps"], hu, curve["accuracy"], worst, strict=True)]
         header = ["eps", "eps_hu", "accuracy", "ensemble_accuracy"]
         paths.append(atomic_write_text(out_dir / f"robust_accuracy_{norm}.csv", csv_text(header, rows)))
@@ -161,11 +169,13 @@ def plot_robust_accuracy(results: Mapping[str, Mapping[str, Any]], path: Path) -
             if c is None:
                 continue
             ens = c.get("ensemble")
-            if ens is not None:
-                line = ax.errorbar(c["eps"], ens["accuracy"], capsize=3, marker="o",
-                                   yerr=_yerr(ens["accuracy"],
-                                              [_iv(res, ensemble_accuracy_name(norm, e)) for e in c["eps"]]),
-                                   label=f"{name}: worst case (area {ens['auc']:.3f}, N={c['n']}, 95 % CI)")
+            if ens:
+                at = ensemble_eps(c)
+                scope = f"area {ens['auc']:.3f}" if ens.get("auc") is not None else "at the gated ε"
+                line = ax.errorbar(at, ens["accuracy"], capsize=3, marker="o",
+                                   linestyle="-" if ens.get("auc") is not None else "none",
+                                   yerr=_yerr(ens["accuracy"], [_iv(res, ensemble_accuracy_name(norm, e)) for e in at]),
+                                   label=f"{name}: worst case over the attacks ({scope}, N={c['n']}, 95 % CI)")
                 color = line.lines[0].get_color()
             else:
                 color = None
@@ -276,6 +286,11 @@ def clean_rows(result: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
+def _ensemble_index(curve: Mapping[str, Any]) -> dict[float, int]:
+    """ε -> position in the curve's ensemble lists (ε = 0 at 0), for the ε where the ensemble ran."""
+    return {e: i for i, e in enumerate(ensemble_eps(curve))}
+
+
 def pgd_rows(result: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
     """Robust accuracy at each ε (model-input units and HU), per norm: the worst case over the
     attack ensemble (what the gate reads) with its interval, and 100-PGD alone beside it."""
@@ -286,17 +301,21 @@ def pgd_rows(result: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
         hu = c.get("eps_hu") or [None] * len(c["eps"])
         survived = c.get("survived") or [None] * len(c["eps"])
         ens = c.get("ensemble")
-        masked = [0, *ens["masked"]] if ens else [None] * len(c["eps"])
-        for i, (e, h, a, k) in enumerate(zip(c["eps"], hu, c["accuracy"], survived, strict=True)):
+        at = _ensemble_index(c)
+        masked = [0, *ens["masked"]] if ens else []
+        for e, h, a, k in zip(c["eps"], hu, c["accuracy"], survived, strict=True):
             pgd_cell = f"{a:.3f}{ci_text(_iv(result, pgd_accuracy_name(norm, e)))}"
-            if ens:
-                worst = f"{ens['accuracy'][i]:.3f}{ci_text(_iv(result, ensemble_accuracy_name(norm, e)))}"
-                count = f"{ens['survived'][i]}/{c['n']}"
+            j = at.get(float(e))
+            if ens and j is not None:
+                worst = f"{ens['accuracy'][j]:.3f}{ci_text(_iv(result, ensemble_accuracy_name(norm, e)))}"
+                count = f"{ens['survived'][j]}/{c['n']}"
             else:
-                worst, count = "not run", f"{k}/{c['n']}" if k is not None else str(c["n"])
+                worst = "PGD only (ensemble at the gated ε)" if ens else "not run"
+                count = f"{k}/{c['n']}" if k is not None else str(c["n"])
             rows.append([norm, f"{e:g}", "" if h is None else f"{h:.3g}", worst, count, pgd_cell,
-                         "" if masked[i] is None or i == 0 else str(masked[i])])
-        rows.append([norm, "area", "", f"{ens['auc']:.3f}" if ens else "", "", f"{c['auc']:.3f}", ""])
+                         "" if j is None or j == 0 else str(masked[j])])
+        area = f"{ens['auc']:.3f}" if ens and ens.get("auc") is not None else ""
+        rows.append([norm, "area", "", area, "", f"{c['auc']:.3f}", ""])
     return header, rows
 
 
@@ -311,7 +330,7 @@ def attack_rows(result: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
         ens = c.get("ensemble")
         if not ens:
             continue
-        for i, e in enumerate(c["eps"][1:]):
+        for i, e in enumerate(ensemble_eps(c)[1:]):
             cells = [f"{ens['per_attack'][a]['broken'][i]} / {ens['per_attack'][a]['attacked'][i]}"
                      if a in ens["per_attack"] else "" for a in names]
             rows.append([norm, f"{e:g}", *cells, f"{ens['survived'][i + 1]}/{c['n']}",
@@ -358,12 +377,18 @@ def comparison_tables(baseline: Mapping[str, Any], hardened: Mapping[str, Any], 
         rows = []
         for name, res in rows_of:
             r = res["pgd"][norm]
-            ens = r.get("ensemble")
-            acc, metric = (ens["accuracy"], ensemble_accuracy_name) if ens else (r["accuracy"], pgd_accuracy_name)
-            rows.append([name, *[f"{a:.3f}{ci_text(_iv(res, metric(norm, e)))}"
-                                 for e, a in zip(r["eps"], acc, strict=True)],
-                         f"{(ens or r)['auc']:.3f}"])
-        out.append((f"Robust accuracy, worst case over the attacks, {norm} (N = {c['n']})", header, rows))
+            ens, at = r.get("ensemble"), _ensemble_index(r)
+            cells = []
+            for e, a in zip(r["eps"], r["accuracy"], strict=True):
+                j = at.get(float(e))
+                if ens and j is not None:
+                    cells.append(f"{ens['accuracy'][j]:.3f}{ci_text(_iv(res, ensemble_accuracy_name(norm, e)))}")
+                else:
+                    cells.append(f"{a:.3f}{ci_text(_iv(res, pgd_accuracy_name(norm, e)))} (PGD)")
+            area = ens["auc"] if ens and ens.get("auc") is not None else r["auc"]
+            rows.append([name, *cells, f"{area:.3f}"])
+        out.append((f"Robust accuracy, worst case over the attacks where they ran, else 100-PGD (marked), {norm} "
+                    f"(N = {c['n']})", header, rows))
     return out
 
 

@@ -46,7 +46,7 @@ from ctharden.evaluation.attention import has_conv_layers, save_attention_figure
 from ctharden.evaluation.headline import headline_metrics
 from ctharden.evaluation.trends import hardening_trends, nps_trends
 from ctharden.evaluation.units import evaluate_robustness, model_set
-from ctharden.gate.criteria import check, gate_settings
+from ctharden.gate.criteria import check, gate_settings, gated_eps
 from ctharden.gate.plan import planned_cap
 from ctharden.models import CTClassifier
 from ctharden.noise.config import noise_model
@@ -93,13 +93,14 @@ class EvalJob:
 
 
 def evaluation_settings(params: dict[str, Any], job: str, width: int) -> RobustnessSettings:
-    """The job's robustness settings for inputs ``width`` pixels wide, with every ``plan`` sample
+    """The job's robustness settings for inputs ``width`` pixels wide, with the gate's ε per norm
+    (where ``pgd.ensemble_eps: gated`` runs the whole attack ensemble) and every ``plan`` sample
     cap set by the gate's planner (:func:`ctharden.gate.plan.planned_cap`: the ``n`` that decides
     the job's criteria on that attack; no cap where the job gates nothing on it)."""
-    settings = job_settings(params, job).for_width(width)
+    gs = gate_settings(params, job)
+    settings = job_settings(params, job).for_width(width).with_gated_eps(gated_eps(gs))
     if not settings.planned:
         return settings
-    gs = gate_settings(params, job)
     return settings.with_caps({attack: planned_cap(gs, attack) for attack in settings.planned})
 
 
