@@ -328,6 +328,12 @@ def test_failed_gate_registers_nothing(registry_params: dict[str, Any], tmp_path
                        text=True, timeout=300, env={**os.environ, "COLUMNS": "200"})  # hang guard; measured 9-12 s
     assert r.returncode == 1 and "nothing registered for nodule3d: gate failed" in r.stderr, r.stdout + r.stderr
     assert client.search_model_versions(f"name = '{name}'") == []
+    # the main job (dvc.yaml's register stage) reports the verdict and goes on; still nothing registered
+    r = subprocess.run([*CLI, *args, "stage", "register", "--no-fail"], capture_output=True,
+                       text=True, timeout=300, env={**os.environ, "COLUMNS": "200"})  # hang guard
+    assert r.returncode == 0 and "nothing registered for nodule3d (the gate's verdict, reported)" in r.stdout, (
+        r.stdout + r.stderr)
+    assert client.search_model_versions(f"name = '{name}'") == []
 
 
 @pytest.mark.slow

@@ -595,10 +595,13 @@ def register_cmd(
     jobs: Annotated[list[str] | None, typer.Argument(help="Jobs to register (default: every gated job).")] = None,
     variant: Annotated[list[str] | None, typer.Option(
         help="Variants to consider, in order (default: baseline then hardened).")] = None,
+    no_fail: Annotated[bool, typer.Option(
+        "--no-fail",
+        help="Report a job with no passing model and exit 0 (the main job: a failed gate is an outcome).")] = False,
 ) -> None:
     """Register each gated model in the MLflow registry only if its gate passed (tags, description,
     report link; `challenger` -> new version, `champion` only if it beats the current one). Exits
-    non-zero when a job has no model that passed (a dvc.yaml stage)."""
+    non-zero when a job has no model that passed, unless ``--no-fail``."""
     from ctharden.stages import register
     from ctharden.tracking.promotion import ORDER, register_markdown
 
@@ -611,7 +614,9 @@ def register_cmd(
     missing = [job for r in results for job in r.unregistered]
     if missing:
         why = "; ".join(o["reason"] for j in missing for o in summary["jobs"][j])
-        raise GateFailed(f"nothing registered for {', '.join(missing)}: {why}")
+        if not no_fail:
+            raise GateFailed(f"nothing registered for {', '.join(missing)}: {why}")
+        out_console.print(f"nothing registered for {', '.join(missing)} (the gate's verdict, reported): {why}")
 
 
 class _DefaultCommandGroup(TyperGroup):
