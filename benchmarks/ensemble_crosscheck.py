@@ -84,6 +84,8 @@ def torchattacks_broken(ta: Any, model: nn.Module, x: torch.Tensor, y: torch.Ten
     """Samples of ``x`` ``(N, ...)`` that torchattacks' APGD-CE and Square break (fp32 decisions on
     outputs verified to lie in the ε-ball and [0, 1]); seconds per attack."""
     out: dict[str, Any] = {}
+    if x.dim() == int(getattr(model, "spatial_dims", x.dim() - 2)) + 1:  # (N, *spatial): add the channel axis
+        x = x.unsqueeze(1)  # torchattacks wants (N, C, H, W) (Square draws per channel)
     three_d = x.dim() == 5
     for name in ("apgd-ce", "square"):
         as_2d = three_d and name == "square"
