@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 from ctharden.config.params import section
-from ctharden.config.robustness import job_settings
 from ctharden.core.device import select_runtime
 from ctharden.core.errors import DataError
 from ctharden.data.arrays import load_arrayset
@@ -24,7 +23,7 @@ from ctharden.evaluation.units import evaluate_robustness
 from ctharden.models.predict import predict_scores
 from ctharden.noise.config import noise_model
 from ctharden.reporting.plots import plot_confusion, plot_roc, write_dvc_plots
-from ctharden.stages.evaluate import write_job_figures, write_report
+from ctharden.stages.evaluate import evaluation_settings, write_job_figures, write_report
 from ctharden.tracking.runs import load_model_ref
 
 SPLITS = ("all", "train", "test")
@@ -101,14 +100,17 @@ def evaluate_model_robustness(
 ) -> dict[str, Any]:
     """Robustness evaluation of any model on any (validated) dataset, with a report in ``report_dir``.
 
-    Settings: ``robustness.defaults`` merged with ``robustness.jobs.<settings_of>`` when given.
+    Settings: ``robustness.defaults`` merged with ``robustness.jobs.<settings_of>`` when given,
+    with that job's gate ε and sample plan (``gate.defaults`` without one), as the evaluate stage.
     """
 
     dataset_dir = Path(dataset_dir)
     ensure_dataset_valid(dataset_dir, Path(validation_dir) if validation_dir else None)
     model, meta = load_model_ref(model_ref)
     data = load_arrayset(dataset_dir, model)
-    settings = job_settings(params, settings_of or "").for_width(int(data.raw.shape[-1]))
+    # the job's settings as its evaluate stage uses them: the gate's ε (where the whole attack
+    # ensemble runs) and the planner's sample caps, so a re-evaluation measures what the gate reads
+    settings = evaluation_settings(params, settings_of or "", int(data.raw.shape[-1]))
     result, visuals = evaluate_robustness(model, data, settings, seed=int(section(params, "seed")),
                                           nps=noise_model(params))
     name = Path(str(model_ref)).name
