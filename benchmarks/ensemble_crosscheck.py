@@ -10,7 +10,9 @@ a. ``torchattacks.APGD`` (loss ``ce``, ``--steps`` iterations, 1 restart; Croce 
    schedule, a different code base from ``ctharden.attacks.apgd``);
 b. ``torchattacks.Square`` (margin loss, ``--queries`` queries; torchattacks' Square is 2D only,
    so a 3D volume ``(1, D, H, W)`` is attacked as a ``D``-channel image — squares span every slice,
-   still an L∞/L2 perturbation of the same size).
+   still an L∞/L2 perturbation of the same size). torchattacks' APGD, too, takes 4D batches only (a
+   5D one gains a leading axis), so it gets the same ``D``-channel view; its norms are over all
+   values of a sample, so the ball is the same.
 
 torchattacks needs class logits, so a binary-logit model is wrapped to return ``[-z/2, z/2]``
 (softmax CE on these = BCE on ``z``). A sample counts as broken when the fp32 eval-mode prediction
@@ -88,7 +90,7 @@ def torchattacks_broken(ta: Any, model: nn.Module, x: torch.Tensor, y: torch.Ten
         x = x.unsqueeze(1)  # torchattacks wants (N, C, H, W) (Square draws per channel)
     three_d = x.dim() == 5
     for name in ("apgd-ce", "square"):
-        as_2d = three_d and name == "square"
+        as_2d = three_d  # torchattacks takes 4D (N, C, H, W): a volume goes in as D channels
         wrapped = TwoLogits(model, as_2d).eval()
         xin = x.squeeze(1) if as_2d else x
         if name == "apgd-ce":
