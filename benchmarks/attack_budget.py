@@ -36,12 +36,14 @@ from ctharden.attacks.pgd import pgd  # noqa: E402
 from ctharden.attacks.square import square_attack_result  # noqa: E402
 from ctharden.config.jobs import job_names  # noqa: E402
 from ctharden.config.params import load_params  # noqa: E402
+from ctharden.config.robustness import RobustnessSettings  # noqa: E402
 from ctharden.evaluation.robustness import pgd_samples  # noqa: E402
+from ctharden.gate.criteria import gate_settings, gated_eps  # noqa: E402
 from ctharden.stages.evaluate import prepare_job  # noqa: E402
 
 
-def loss_rows(job: str, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, settings, seed: int
-              ) -> list[str]:  # type: ignore[no-untyped-def]
+def loss_rows(job: str, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, settings: RobustnessSettings,
+              seed: int) -> list[str]:
     """PGD with the CE and with the margin loss from the same starts, every listed ε at once."""
     p = settings.pgd
     rows = []
@@ -64,8 +66,8 @@ def loss_rows(job: str, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor
     return rows
 
 
-def member_rows(job: str, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, settings, seed: int,
-                gated: dict[str, list[float]]) -> list[str]:  # type: ignore[no-untyped-def]
+def member_rows(job: str, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, settings: RobustnessSettings,
+                seed: int, gated: dict[str, list[float]]) -> list[str]:
     """Per-sample seconds of PGD, APGD-margin and Square on the PGD survivors at each gated ε."""
     p = settings.pgd
     rows = []
@@ -105,8 +107,6 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     params = load_params()
-    from ctharden.gate.criteria import gate_settings, gated_eps
-
     losses, members = [], []
     for job in args.jobs or job_names(params):
         ctx = prepare_job(params, job, args.variant)

@@ -130,6 +130,7 @@ def crosscheck(params: dict[str, Any], job: str, variant: str, ta: Any, steps: i
         p.requires_grad_(False)
     index = {sid: i for i, sid in enumerate(ctx.data.sample_ids)}
     rows = []
+    judged = gated(params, job)
     for norm in ("linf", "l2"):
         block = outcomes.get(f"ensemble_{norm}")
         if not block:
@@ -139,7 +140,6 @@ def crosscheck(params: dict[str, Any], job: str, variant: str, ta: Any, steps: i
         q = queries or ens.get("square_queries") or 1000
         ids = [index[s] for s in block["ids"]]
         x_all, y_all = ctx.data.x[ids], ctx.data.y[ids]
-        judged = gated(params, job)
         pgd_survived = dict(zip(curve["eps"], curve["survived"], strict=True))
         for j, e in enumerate(ensemble_eps(curve)):  # the ε where the ensemble ran
             if e == 0 or (only_gated and (norm, float(e)) not in judged):

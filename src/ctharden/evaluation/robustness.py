@@ -277,8 +277,9 @@ def ensemble_block(model: nn.Module, x: Tensor, y: Tensor, eps: Sequence[float],
     members = [a for a in ENSEMBLE_ATTACKS if a in p.attacks]
     values = [0.0, *at]
     accuracy = [1.0 - float(broken[e].float().mean()) if n else 0.0 for e in values]
+    every_eps = list(at) == list(eps)
     block = {
-        "eps": values, "scope": "all" if list(at) == list(eps) else "gated",
+        "eps": values, "scope": "all" if every_eps else "gated",
         "attacks": members, "square_queries": p.square_queries if "square" in members else None,
         "accuracy": accuracy,
         "survived": [int((~broken[e]).sum()) for e in values],
@@ -286,7 +287,7 @@ def ensemble_block(model: nn.Module, x: Tensor, y: Tensor, eps: Sequence[float],
                            "broken": [int(runs[e].broken_by[a].sum()) for e in at]} for a in members},
         "masked": [int(runs[e].masking.sum()) for e in at],
         "seconds": round(seconds, 2),
-        "auc": normalized_area(values, accuracy) if list(at) == list(eps) else None,
+        "auc": normalized_area(values, accuracy) if every_eps else None,
     }
     return block, {f"{e:g}": broken[e].tolist() for e in values}
 
