@@ -69,6 +69,8 @@ def team(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     net.eval()
     torch.jit.save(torch.jit.script(net), str(root / "team.ts"))
     torch.jit.save(torch.jit.script(Rounded(net).eval()), str(root / "masked.ts"))
+    torch.onnx.export(net, (x[:2],), str(root / "team.onnx"), input_names=["x"], output_names=["z"],
+                      dynamic_axes={"x": {0: "n"}, "z": {0: "n"}}, dynamo=False)
     contract = {"spatial_dims": 3, "input_shape": [32, 32, 32],
                 "input": {"kind": "window", "window_hu": list(WINDOW)}, "output": {"kind": "logits2"}}
     (root / "contract.yaml").write_text(yaml.safe_dump(contract))
@@ -101,6 +103,39 @@ def test_a_team_model_is_checked_and_the_exit_code_is_the_verdict(team: dict[str
     html = (team["root"] / "out" / "index.html").read_text()
     assert "Per-attack breakdown" in html and gate["verdict"].upper() in html
     assert gate["verdict"].upper() in r.stdout and "report:" in r.stdout
+
+
+def test_an_onnx_model_gets_the_black_box_check(team: dict[str, Path]) -> None:
+    """No gradients: clean metrics, random NPS and Square run; every white-box row and criterion
+    says "not applicable: no gradients", robust accuracy is Square's upper bound (fail or
+    inconclusive, never pass), and the clean numbers equal the TorchScript export's."""
+    r = _check(team, "team.onnx", "onnx", "--set", "gate.defaults.sanity=true")
+    out = team["root"] / "onnx"
+    gate = json.loads((out / "gate.json").read_text())
+    assert r.returncode == {"pass": 0, "inconclusive": 3, "fail": 4}[gate["verdict"]], r.stderr
+    assert gate["verdict"] in ("fail", "inconclusive") and gate["white_box"] is False
+    assert gate["model"]["arch"] == "external:onnx" and gate["dry_run"]["gradients"] is False
+    rows = gate["criteria"]
+    robust = {n: row for n, row in rows.items() if n.startswith("robust_")}
+    assert robust and all(row["decision"] in ("fail", "inconclusive") for row in robust.values())
+    for row in robust.values():
+        assert row["metric"].startswith("robust_blackbox_") and row["n"] and row["upper"] is not None
+        if row["decision"] == "inconclusive":
+            assert "upper bound" in row["note"] and row["samples_to_decide"] is None
+    assert rows["sanity"]["decision"] == "inconclusive" and rows["sanity"]["note"] == "not applicable: no gradients"
+    result = json.loads((out / "robustness.json").read_text())
+    assert result["pgd"] == {} and result["optimized_nps"] == {} and result["sanity_passed"] is None
+    assert result["white_box"] == {"applicable": False, "reason": "not applicable: no gradients",
+                                   "not_run": ["optimized_nps", "pgd", "attack ensemble (gradient members)",
+                                               "sanity checks"]}
+    square = result["blackbox"]["linf"]
+    assert square["attacks"] == ["square"] and square["bound"] == "upper" and square["eps"][0] == 0.0
+    assert result["outcomes"]["blackbox_linf"]["ids"] and result["random_nps"]["test"]["n"] > 0
+    ts = json.loads((team["root"] / "out" / "robustness.json").read_text())
+    assert result["clean"]["test"]["auc"] == pytest.approx(ts["clean"]["test"]["auc"], abs=1e-6)
+    assert square["accuracy"][0] == pytest.approx(ts["pgd"]["linf"]["accuracy"][0])
+    html = (out / "index.html").read_text()
+    assert html.count("not applicable: no gradients") >= 3 and "Square alone: an upper bound" in html
 
 
 def test_a_masked_team_model_fails_the_check(team: dict[str, Path]) -> None:

@@ -94,6 +94,36 @@ def test_fail_outranks_inconclusive(settings) -> None:  # type: ignore[no-untype
     assert "random_san_mas100 fail" in reasons(verdict) and "inconclusive" in reasons(verdict)
 
 
+def test_a_model_without_gradients_can_fail_but_never_pass_a_white_box_criterion(settings) -> None:  # type: ignore[no-untyped-def]
+    """Square's accuracy is an upper bound: a clear miss fails, a clear clearance is inconclusive;
+    sanity and the optimised attack are not applicable; random NPS and the AUC decide as usual."""
+    headline, ev = evidence(300, 324, 0, 1000)
+    for name in (ACC, "robust_ensemble_l2_acc_eps0.25", "robust_optimized_test_san_rate_mas500",
+                 "robust_sanity_passed"):
+        headline.pop(name)
+        ev.pop(name, None)
+    bb_linf, bb_l2 = "robust_blackbox_linf_acc_eps0.005", "robust_blackbox_l2_acc_eps0.25"
+    for k, want in ((320, "inconclusive"), (100, "fail")):
+        headline[bb_linf], ev[bb_linf] = k / 324, {"k": k, "n": 324, "point": k / 324, "bound": "upper"}
+        verdict = check(headline, settings, ev, white_box=False)
+        row = verdict["criteria"]["robust_linf_acc_eps0.005"]
+        assert row["decision"] == want and row["metric"] == bb_linf and row["k"] == k, row
+        assert verdict["verdict"] == want and verdict["white_box"] is False and not verdict["passed"]
+        if want == "inconclusive":
+            assert "upper bound" in row["note"] and row["samples_to_decide"] is None
+    # no black-box number either (that norm was not attacked): not applicable, not a silent pass
+    l2 = verdict["criteria"]["robust_l2_acc_eps0.25"]
+    assert l2["decision"] == "inconclusive" and l2["note"] == "not applicable: no gradients" and bb_l2 not in headline
+    for name in ("sanity", "optimized_san_mas500"):
+        row = verdict["criteria"][name]
+        assert row["decision"] == "inconclusive" and row["note"] == "not applicable: no gradients", row
+    assert verdict["criteria"]["random_san_mas100"]["decision"] == "pass"
+    assert verdict["criteria"]["clean_auc"]["decision"] == "pass"
+    assert "not applicable: no gradients" in reasons(verdict)
+    # the same numbers with gradients: the white-box criteria without a value fail as "not measured"
+    assert check(headline, settings, ev)["criteria"]["sanity"]["decision"] == "fail"
+
+
 @pytest.mark.parametrize(("op", "t", "p"), [(">=", 0.70, 0.80), (">=", 0.70, 0.60), ("<=", 0.05, 0.01),
                                             ("<=", 0.25, 0.15)])
 def test_planner_n_decides_with_the_stated_power_in_a_simulation(op: str, t: float, p: float) -> None:

@@ -404,7 +404,8 @@ def _print_robustness(result: EvaluateResult) -> None:
             table.add_row(*r)
         out_console.print(table)
         out_console.print(markdown_table(*pgd_rows(res)))
-        verdict = "[green]pass[/]" if res["sanity_passed"] else "[bold red]FAIL[/] " + ", ".join(
+        verdict = "not applicable (no gradients)" if res["sanity_passed"] is None else "[green]pass[/]" if res[
+            "sanity_passed"] else "[bold red]FAIL[/] " + ", ".join(
             f"{n}: {s['flags']}" for n, s in res["sanity"].items() if not s["passed"])
         out_console.print(f"sanity checks: {verdict}   ({res['seconds']['total']:.0f} s)")
     out_console.print(f"report: {result.html}")

@@ -103,17 +103,23 @@ class RobustnessSettings:
     #: :meth:`with_caps` sets what the gate's planner says; ``planned_caps`` records it.
     planned: tuple[str, ...] = ()
     planned_caps: dict[str, int | None] = field(default_factory=dict)
+    #: False for a model without input gradients (ONNX): only the attacks that need none run
+    #: (random NPS, Square); the optimised NPS attack, PGD, APGD and the sanity checks are "not
+    #: applicable" (:mod:`ctharden.evaluation.units`)
+    white_box: bool = True
 
     def __post_init__(self) -> None:
         if self.noise_mode not in NOISE_MODES:
             raise ConfigError(f"robustness.noise.mode must be one of {', '.join(NOISE_MODES)}, got {self.noise_mode!r}")
 
     def to_dict(self) -> dict[str, Any]:
-        """As a dict; ``noise_mode`` only where it is not the default ``additive`` (so an additive
-        evaluation's JSON is what it was before the option existed)."""
+        """As a dict; ``noise_mode`` only where it is not the default ``additive`` and ``white_box``
+        only where it is False (so such an evaluation's JSON is what it was before the options existed)."""
         out = asdict(self)
         if self.noise_mode == "additive":
             del out["noise_mode"]
+        if self.white_box:
+            del out["white_box"]
         out["planned"] = list(self.planned)
         out["pgd"]["attacks"] = list(self.pgd.attacks)
         return out

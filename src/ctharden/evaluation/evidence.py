@@ -11,7 +11,8 @@ plus the clean test accuracy, sensitivity and specificity, keyed by the metric n
   with several fold models also ``pooled`` (every model's SAN over ``n × models`` trials: the
   pooled interval beside the folds' mean ± std; fold models share the samples, so the pooled one
   is a summary, not independent evidence) and ``folds`` (mean, std, models);
-- robust accuracy per norm and ε: ``k`` = samples that survived, ``n`` = attacked samples;
+- robust accuracy per norm and ε: ``k`` = samples that survived, ``n`` = attacked samples (for a
+  model without gradients, the Square-only accuracy under its own name, ``bound: "upper"``);
 - clean test accuracy / sensitivity / specificity: from the confusion counts;
 - clean test AUC: DeLong (``se`` recorded), with the stratified bootstrap as ``check``.
 
@@ -28,6 +29,7 @@ from typing import Any
 from ctharden.evaluation.headline import (
     CLEAN_TEST_AUC,
     NPS_RESULT_KEYS,
+    blackbox_accuracy_name,
     clean_metric_name,
     ensemble_accuracy_name,
     ensemble_eps,
@@ -77,6 +79,9 @@ def pgd_intervals(result: Mapping[str, Any], level: float, method: str) -> dict[
         if c.get("ensemble"):
             for e, k in zip(ensemble_eps(c), c["ensemble"]["survived"], strict=True):
                 out[ensemble_accuracy_name(norm, e)] = _rate(k, c["n"], level, method)
+    for norm, c in (result.get("blackbox") or {}).items():
+        for e, k in zip(c["eps"], c["survived"], strict=True):
+            out[blackbox_accuracy_name(norm, e)] = {**_rate(k, c["n"], level, method), "bound": "upper"}
     return out
 
 

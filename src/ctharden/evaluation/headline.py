@@ -15,6 +15,9 @@ from typing import Any
 NPS_RESULT_KEYS = (("random_nps", "random"), ("optimized_nps", "optimized"))
 CLEAN_TEST_AUC = "robust_clean_test_auc"  # == clean_metric_name("test", "auc")
 SANITY_PASSED = "robust_sanity_passed"
+#: What a report row, a gate row and an evaluation block say for a white-box number of a model
+#: without input gradients (ONNX): the number does not exist, it was not forgotten.
+NO_GRADIENTS = "not applicable: no gradients"
 
 
 def clean_metric_name(split: str, key: str) -> str:
@@ -36,6 +39,13 @@ def ensemble_accuracy_name(norm: str, eps: float) -> str:
     """Robust accuracy at ``eps`` for ``norm``: the worst case per sample over the attack ensemble
     (PGD, APGD-CE, APGD-margin, Square; :mod:`ctharden.attacks.ensemble`) — what the gate reads."""
     return f"robust_ensemble_{norm}_acc_eps{eps:g}"
+
+
+def blackbox_accuracy_name(norm: str, eps: float) -> str:
+    """Accuracy at ``eps`` for ``norm`` under the black-box Square Attack alone: what a model without
+    input gradients (ONNX) gets instead of the ensemble's worst case. An *upper* bound of its robust
+    accuracy (a stronger attack can only break more), so the gate lets it fail a criterion, never pass."""
+    return f"robust_blackbox_{norm}_acc_eps{eps:g}"
 
 
 def ensemble_eps(curve: Mapping[str, Any]) -> list[float]:
@@ -67,7 +77,11 @@ def headline_metrics(result: Mapping[str, Any]) -> dict[str, float]:
         if c.get("ensemble"):
             for e, a in zip(ensemble_eps(c), c["ensemble"]["accuracy"], strict=True):
                 out[ensemble_accuracy_name(norm, e)] = float(a)
-    out[SANITY_PASSED] = float(result["sanity_passed"])
+    for norm, c in (result.get("blackbox") or {}).items():
+        for e, a in zip(c["eps"], c["accuracy"], strict=True):
+            out[blackbox_accuracy_name(norm, e)] = float(a)
+    if result.get("sanity_passed") is not None:  # None: a black-box evaluation has no white-box checks
+        out[SANITY_PASSED] = float(result["sanity_passed"])
     if result["clean"].get("test", {}).get("auc") is not None:
         out[CLEAN_TEST_AUC] = float(result["clean"]["test"]["auc"])
     return out

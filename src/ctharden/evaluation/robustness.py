@@ -222,15 +222,18 @@ def merge_levels(per_mas: Sequence[NPSAttackResult], settings: RobustnessSetting
 
 
 def nps_tables(random_runs: Sequence[Sequence[NPSAttackResult]],
-               optimized_runs: Sequence[Sequence[Sequence[NPSAttackResult]]], settings: RobustnessSettings
+               optimized_runs: Sequence[Sequence[Sequence[NPSAttackResult]]] | None, settings: RobustnessSettings
                ) -> tuple[dict[str, Any], dict[str, Any]]:
     """``(random, optimized)`` JSON blocks per split from the attack results indexed
-    ``random_runs[split][model]`` and ``optimized_runs[split][model][mas]``."""
+    ``random_runs[split][model]`` and ``optimized_runs[split][model][mas]`` (None: no optimised
+    attack ran, the block is empty)."""
     random_out: dict[str, Any] = {}
     opt_out: dict[str, Any] = {}
     for si, split in enumerate(settings.splits):
         rnd = list(random_runs[si])
         random_out[split] = _nps_block(rnd, rnd[0].n)
+        if optimized_runs is None:
+            continue
         opt = [merge_levels(per_mas, settings) for per_mas in optimized_runs[si]]
         opt_out[split] = _nps_block(opt, opt[0].n)
         opt_out[split]["mean_steps"] = opt[0].settings["mean_steps"]
@@ -329,6 +332,43 @@ def pgd_norm_run(
     return curve, report.to_dict()
 
 
+def blackbox_norm_run(
+    model: nn.Module, data: ArraySet, settings: RobustnessSettings, norm: str, *, seed: int,
+    device: torch.device | None = None,
+) -> dict[str, Any]:
+    """The black-box evaluation of a model without input gradients (``settings.white_box`` False):
+    accuracy under the Square Attack alone (``pgd.square_queries`` queries per sample, margin loss)
+    on the PGD samples, at the ε where the ensemble would run (:meth:`PGDSettings.ensemble_at`:
+    the gated ε by default). Square's outputs are checked for budget and clip range like every
+    ensemble member, and ``broken`` is re-decided in fp32.
+
+    Returns the curve: ``eps`` (ε = 0 first: the clean decision), ``eps_hu``, ``accuracy``,
+    ``survived``, ``n``, ``attacks`` (``["square"]``), ``square_queries``, ``seconds`` and
+    ``bound: "upper"`` (a stronger attack can only break more, so this accuracy is an upper bound of
+    the robust accuracy), with the per-sample outcomes under :data:`OUTCOMES`. Seeds its generator
+    from ``(seed, 42, norm index)`` (the ensemble's seed)."""
+    dev = device or torch.device("cpu")
+    p = settings.pgd
+    sub = pgd_samples(data, settings, seed)
+    x, y = data.x[sub].to(dev), data.y[sub].to(dev)
+    at = p.ensemble_at(norm, None)
+    g = torch.Generator(device=x.device).manual_seed(derive_seed(seed, 42, PGD_NORMS.index(norm)))
+    t0 = time.perf_counter()
+    runs = ensemble_sweep(model, x, y, at, norm=norm, attacks=("square",), square_queries=p.square_queries,
+                          autocast=False, generator=g)
+    broken = {0.0: predict_broken(model, x, y).cpu(), **{e: runs[e].broken.cpu() for e in at}}
+    values = [0.0, *at]
+    n = int(len(sub))
+    return {
+        "eps": values, "eps_hu": _eps_hu(model, values, settings),
+        "accuracy": [1.0 - float(broken[e].float().mean()) if n else 0.0 for e in values],
+        "survived": [int((~broken[e]).sum()) for e in values], "n": n, "attacks": ["square"],
+        "square_queries": p.square_queries, "seconds": round(time.perf_counter() - t0, 2), "bound": "upper",
+        OUTCOMES: {"ids": [data.sample_ids[int(i)] for i in sub],
+                   "broken": {f"{e:g}": broken[e].tolist() for e in values}},
+    }
+
+
 def run_pgd_evaluation(
     model: nn.Module, data: ArraySet, settings: RobustnessSettings, *, seed: int, device: torch.device | None = None
 ) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -399,7 +439,8 @@ def example_visuals(
 
     Per sample: the clean input, one random NPS realisation at the lowest mAs (a flipping one when
     any of 32 draws flips it), the optimised NPS perturbation at that mAs, and the L∞ PGD example at
-    the smallest listed ε that breaks it (else the largest). All in model-input units, plus the
+    the smallest listed ε that breaks it (else the largest); for a model without input gradients
+    (``settings.white_box`` False) the clean and random images only. All in model-input units, plus the
     noise images in HU and the fp32 positive scores. Every random number (noise, PGD starts)
     comes from one generator seeded from ``(seed, 50)``: the examples do not depend on what ran
     before them in the process.
@@ -431,6 +472,13 @@ def example_visuals(
         s = score(noisy)
         flips = np.nonzero((s > 0.5) != (s0 > 0.5))[0]
         j = int(flips[0]) if len(flips) else 0
+        scores = {"clean": float(s0), "random": float(s[j])}
+        example: dict[str, Any] = {"sample_id": data.sample_ids[int(i)], "label": int(data.y[i]), "mas": mas,
+                                   "clean": x0[0], "random": noisy[j], "random_noise_hu": draws[j],
+                                   "random_flipped": bool(len(flips)), "scores": scores}
+        if not settings.white_box:
+            examples.append(example)
+            continue
         opt = optimized_nps_attack(
             model, xa, mas, restarts=1, step_hu=step_hu(settings, mas, nps_model), tol=settings.optimized.tol,
             n_iter=settings.optimized.n_iter, nps=nps_model, generator=g, return_perturbations=True,
@@ -447,12 +495,9 @@ def example_visuals(
             if bool(broken[0]):
                 break
         examples.append({
-            "sample_id": data.sample_ids[int(i)], "label": int(data.y[i]), "mas": mas,
-            "clean": x0[0], "random": noisy[j], "random_noise_hu": draws[j], "random_flipped": bool(len(flips)),
-            "optimized": x_opt[0], "optimized_noise_hu": p_opt[0], "pgd": adv[0], "pgd_eps": eps_used,
+            **example, "optimized": x_opt[0], "optimized_noise_hu": p_opt[0], "pgd": adv[0], "pgd_eps": eps_used,
             "pgd_norm": "linf" if settings.pgd.linf else "l2",
-            "scores": {"clean": float(s0), "random": float(s[j]), "optimized": float(score(x_opt)[0]),
-                       "pgd": float(score(adv)[0])},
+            "scores": {**scores, "optimized": float(score(x_opt)[0]), "pgd": float(score(adv)[0])},
         })
     return {"examples": examples}
 

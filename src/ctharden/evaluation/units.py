@@ -18,10 +18,17 @@ kind               one per                                     value
 ``random_nps``     (split, model)                              :class:`NPSAttackResult`, every mAs
 ``optimized_nps``  (split, model, mAs level)                   :class:`NPSAttackResult`, one mAs
 ``pgd``            norm with ε values                          ``(curve, sanity report dict)``
+``blackbox``       norm with ε values (no gradients)           the Square-only curve
 ``examples``       job                                         the example figure's arrays
 =================  ==========================================  ======================================
 
-Model index 0 is the selected model (``clean``, ``pgd`` and ``examples`` use only it).
+Model index 0 is the selected model (``clean``, ``pgd``, ``blackbox`` and ``examples`` use only it).
+
+A model without input gradients (ONNX; ``settings.white_box`` False) gets the units that need
+none: ``clean``, ``random_nps``, ``blackbox`` instead of ``pgd``, and ``examples`` (clean and
+random only). The result then says :data:`~ctharden.evaluation.headline.NO_GRADIENTS` where the
+optimised NPS attack, PGD, the ensemble and the sanity checks would be (``white_box``), and
+``sanity_passed`` is None: nothing white-box was checked.
 """
 
 from __future__ import annotations
@@ -39,9 +46,11 @@ from ctharden.config.robustness import RobustnessSettings
 from ctharden.core.errors import DataError
 from ctharden.data.arrays import ArraySet
 from ctharden.evaluation.evidence import result_intervals
+from ctharden.evaluation.headline import NO_GRADIENTS
 from ctharden.evaluation.robustness import (
     OUTCOMES,
     PGD_NORMS,
+    blackbox_norm_run,
     clean_metrics,
     example_visuals,
     nps_tables,
@@ -52,9 +61,10 @@ from ctharden.evaluation.robustness import (
 from ctharden.noise import NPSModel
 
 log = logging.getLogger(__name__)
-KINDS = ("clean", "random_nps", "optimized_nps", "pgd", "examples")
+KINDS = ("clean", "random_nps", "optimized_nps", "pgd", "blackbox", "examples")
 NPS_KINDS = ("random_nps", "optimized_nps")
-_TIMING_GROUP = {"clean": "clean", "random_nps": "nps", "optimized_nps": "nps", "pgd": "pgd", "examples": "examples"}
+_TIMING_GROUP = {"clean": "clean", "random_nps": "nps", "optimized_nps": "nps", "pgd": "pgd", "blackbox": "blackbox",
+                 "examples": "examples"}
 
 
 @dataclass(frozen=True)
@@ -89,11 +99,12 @@ def evaluation_units(settings: RobustnessSettings, n_models: int) -> list[EvalUn
     if n_models < 1:
         raise DataError("an evaluation needs at least one model")
     out = [EvalUnit("clean")]
+    white = settings.white_box
     for si in range(len(settings.splits)):
         out += [EvalUnit("random_nps", split=si, model=mi) for mi in range(n_models)]
         out += [EvalUnit("optimized_nps", split=si, model=mi, mas=li)
-                for mi in range(n_models) for li in range(len(settings.mas_levels))]
-    out += [EvalUnit("pgd", norm=norm) for norm in PGD_NORMS if getattr(settings.pgd, norm)]
+                for mi in range(n_models) for li in range(len(settings.mas_levels)) if white]
+    out += [EvalUnit("pgd" if white else "blackbox", norm=norm) for norm in PGD_NORMS if getattr(settings.pgd, norm)]
     out.append(EvalUnit("examples"))
     return out
 
@@ -122,6 +133,8 @@ def run_unit(
                                   device=device)
     elif unit.kind == "pgd":
         value = pgd_norm_run(model, data, settings, str(unit.norm), seed=seed, device=device)
+    elif unit.kind == "blackbox":
+        value = blackbox_norm_run(model, data, settings, str(unit.norm), seed=seed, device=device)
     elif unit.kind == "examples":
         value = example_visuals(model, data, settings, seed=seed, nps=nps)
     else:
@@ -153,12 +166,13 @@ def _by_unit(units: Sequence[EvalUnit], partials: Sequence[UnitResult]) -> dict[
 
 def assemble_nps(units: Sequence[EvalUnit], partials: Sequence[UnitResult], settings: RobustnessSettings,
                  n_models: int) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The ``(random_nps, optimized_nps)`` blocks from the NPS units' results (any order)."""
+    """The ``(random_nps, optimized_nps)`` blocks from the NPS units' results (any order);
+    ``optimized_nps`` is empty for a black-box evaluation (``settings.white_box`` False)."""
     got = _by_unit(units, partials)
     splits, levels = range(len(settings.splits)), range(len(settings.mas_levels))
     rnd = [[got[EvalUnit("random_nps", split=si, model=mi)].value for mi in range(n_models)] for si in splits]
     opt = [[[got[EvalUnit("optimized_nps", split=si, model=mi, mas=li)].value for li in levels]
-            for mi in range(n_models)] for si in splits]
+            for mi in range(n_models)] for si in splits] if settings.white_box else None
     return nps_tables(rnd, opt, settings)
 
 
@@ -191,6 +205,9 @@ def outcomes_of(units: Sequence[EvalUnit], got: dict[EvalUnit, UnitResult], sett
             block = got[u].value[0][OUTCOMES]
             out[f"pgd_{u.norm}"] = {"ids": block["ids"], "broken": block["broken"]}
             out[f"ensemble_{u.norm}"] = {"ids": block["ids"], "broken": block["ensemble_broken"]}
+        elif u.kind == "blackbox":
+            block = got[u].value[OUTCOMES]
+            out[f"blackbox_{u.norm}"] = {"ids": block["ids"], "broken": block["broken"]}
     return out
 
 
@@ -209,7 +226,8 @@ def assemble(units: Sequence[EvalUnit], partials: Sequence[UnitResult], settings
     pgd = {u.norm: got[u].value for u in units if u.kind == "pgd"}
     curves = {norm: _without(pgd[norm][0], OUTCOMES) for norm in PGD_NORMS if norm in pgd}
     sanity = {norm: pgd[norm][1] for norm in PGD_NORMS if norm in pgd}
-    timings = dict.fromkeys(("clean", "nps", "pgd", "examples"), 0.0)
+    groups = ("clean", "nps", "pgd", "examples") if settings.white_box else ("clean", "nps", "blackbox", "examples")
+    timings = dict.fromkeys(groups, 0.0)
     for u, r in got.items():
         timings[_TIMING_GROUP[u.kind]] += r.seconds
     clean = {split: _without(m, OUTCOMES) for split, m in got[EvalUnit("clean")].value.items()}
@@ -220,12 +238,17 @@ def assemble(units: Sequence[EvalUnit], partials: Sequence[UnitResult], settings
         "pgd": curves,
         "sanity": {norm: {"passed": s["passed"], "flags": s["flags"], "checks": s["checks"],
                           "settings": s["settings"]} for norm, s in sanity.items()},
-        "sanity_passed": all(s["passed"] for s in sanity.values()),
+        "sanity_passed": all(s["passed"] for s in sanity.values()) if settings.white_box else None,
         "n_models": n_models,
         "settings": settings.to_dict(),
         "seconds": {k: round(v, 1) for k, v in {**timings, "total": sum(timings.values())}.items()},
         "outcomes": outcomes_of(units, got, settings),
     }
+    if not settings.white_box:
+        result["blackbox"] = {u.norm: _without(got[u].value, OUTCOMES) for u in units if u.kind == "blackbox"}
+        result["white_box"] = {"applicable": False, "reason": NO_GRADIENTS,
+                               "not_run": ["optimized_nps", "pgd", "attack ensemble (gradient members)",
+                                           "sanity checks"]}
     result["intervals"] = result_intervals(result)
     return result, got[EvalUnit("examples")].value
 

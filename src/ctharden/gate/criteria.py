@@ -15,6 +15,14 @@ headline metric of the evaluation (:mod:`ctharden.evaluation.headline`, test spl
 A threshold of ``null`` disables that criterion. A criterion whose metric the evaluation did not
 measure (e.g. an ε not in the PGD grid) fails: the gate never passes on a number it has not seen.
 
+**A model without input gradients** (ONNX; ``check(..., white_box=False)``) cannot be measured by
+the white-box attacks. Its robust-accuracy criteria read the Square-only accuracy, an upper bound
+of the robust accuracy: it fails the criterion when even its upper bound misses the threshold and
+is otherwise inconclusive (never a pass: a stronger attack might break more). The optimised-NPS
+SAN/N and ``sanity`` criteria are inconclusive with the note "not applicable: no gradients". So a
+black-box model can fail the gate or pass a policy without white-box criteria, but never pass one
+on numbers that only a gradient attack could establish.
+
 **Decided on confidence bounds, not point values.** Every rate comes with its count ``k`` of ``n``
 samples (the evaluation's ``intervals``), the AUC with its DeLong standard error. At the gate's
 ``confidence`` (default 95 %, one-sided) a ``>=`` criterion *passes* when the lower bound clears
@@ -44,7 +52,14 @@ from ctharden.config import choices
 from ctharden.config.params import deep_merge, section
 from ctharden.config.schema import GateJob, job_path, validate_section
 from ctharden.core.errors import ConfigError, DataError
-from ctharden.evaluation.headline import CLEAN_TEST_AUC, SANITY_PASSED, ensemble_accuracy_name, san_rate_name
+from ctharden.evaluation.headline import (
+    CLEAN_TEST_AUC,
+    NO_GRADIENTS,
+    SANITY_PASSED,
+    blackbox_accuracy_name,
+    ensemble_accuracy_name,
+    san_rate_name,
+)
 from ctharden.evaluation.intervals import proportion_interval, z_value
 from ctharden.gate.planner import auc_samples_needed, samples_needed
 from ctharden.reporting.report import bound_text
@@ -67,6 +82,7 @@ class Criterion:
     description: str
     norm: str | None = None  # robust accuracy: the attack norm ...
     eps: float | None = None  # ... and ε (model-input units)
+    white_box: bool = False  # measuring it needs input gradients (optimised NPS, robust accuracy, sanity)
 
     def passes(self, value: float | None) -> bool:
         """Whether a point value meets the threshold (the champion and regression rules use it;
@@ -148,16 +164,18 @@ def _criteria(cfg: GateJob) -> list[Criterion]:
     for attack in NPS_ATTACKS:
         for mas, t in _levels(san.get(attack)):
             out.append(Criterion(f"{attack}_san_mas{mas:g}", san_rate_name(attack, "test", mas), "<=", t,
-                                 "san_rate", f"SAN/N (%) under {attack} NPS noise at {mas:g} mAs"))
+                                 "san_rate", f"SAN/N (%) under {attack} NPS noise at {mas:g} mAs",
+                                 white_box=attack == "optimized"))
     acc = {str(k): v for k, v in (cfg.min_robust_accuracy or {}).items()}
     for norm in NORMS:
         for eps, t in _levels(acc.get(norm)):
             out.append(Criterion(f"robust_{norm}_acc_eps{eps:g}", ensemble_accuracy_name(norm, eps), ">=", t,
                                  "robust_accuracy",
                                  f"{NORM_LABEL[norm]} robust accuracy at ε={eps:g} (worst case over the attacks)",
-                                 norm=norm, eps=float(eps)))
+                                 norm=norm, eps=float(eps), white_box=True))
     if cfg.sanity:
-        out.append(Criterion("sanity", SANITY_PASSED, ">=", 1.0, "sanity", "all evaluation sanity checks pass"))
+        out.append(Criterion("sanity", SANITY_PASSED, ">=", 1.0, "sanity", "all evaluation sanity checks pass",
+                             white_box=True))
     return out
 
 
@@ -241,18 +259,47 @@ def decide_criterion(c: Criterion, value: float | None, evidence: Mapping[str, A
     return {**row, "decision": decision, "passed": decision == "pass", "note": None}
 
 
+#: The note of a robust-accuracy criterion that a black-box attack alone could not fail.
+UPPER_BOUND_NOTE = ("black-box attack only (no gradients): this accuracy is an upper bound of the robust "
+                    "accuracy, so it can fail the criterion but not pass it")
+
+
+def decide_black_box(c: Criterion, headline: Mapping[str, float], evidence: Mapping[str, Mapping[str, Any]],
+                     settings: GateSettings) -> dict[str, Any]:
+    """A white-box criterion's row for a model without input gradients (see the module docstring):
+    robust accuracy from the Square-only accuracy (fail or inconclusive), anything else
+    inconclusive and :data:`~ctharden.evaluation.headline.NO_GRADIENTS`."""
+    if c.kind == "robust_accuracy" and c.norm is not None and c.eps is not None:
+        metric = blackbox_accuracy_name(c.norm, c.eps)
+        raw = headline.get(metric)
+        if raw is not None:
+            upper_only = Criterion(c.name, metric, c.op, c.threshold, c.kind, c.description, c.norm, c.eps)
+            row = decide_criterion(upper_only, float(raw), evidence.get(metric), settings)
+            if row["decision"] == "fail":
+                return row
+            return {**row, "decision": "inconclusive", "passed": False, "samples_to_decide": None,
+                    "note": UPPER_BOUND_NOTE}
+    row = decide_criterion(c, None, None, settings)
+    return {**row, "decision": "inconclusive", "passed": False, "note": NO_GRADIENTS}
+
+
 def check(headline: Mapping[str, float], settings: GateSettings,
-          evidence: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, Any]:
+          evidence: Mapping[str, Mapping[str, Any]] | None = None, *, white_box: bool = True) -> dict[str, Any]:
     """Decide every criterion on one model's headline metrics and their evidence (the evaluation's
-    ``intervals``: ``{metric: {point, k, n, se, ...}}``).
+    ``intervals``: ``{metric: {point, k, n, se, ...}}``). ``white_box=False``: the model has no
+    input gradients; its white-box criteria are decided by :func:`decide_black_box`.
 
     Returns ``{"verdict": pass|fail|inconclusive, "passed", "failed": [names], "inconclusive":
     [names], "criteria": {name: row}, "primary": {criterion, metric, value}, "confidence",
-    "method"}`` (rows from :func:`decide_criterion`). The verdict is ``fail`` when any criterion
+    "method"}`` (rows from :func:`decide_criterion`; ``"white_box": False`` added for a model
+    without gradients). The verdict is ``fail`` when any criterion
     fails, else ``inconclusive`` when any is, else ``pass``; ``passed`` is ``verdict == "pass"``.
     """
     rows: dict[str, Any] = {}
     for c in settings.criteria:
+        if c.white_box and not white_box:
+            rows[c.name] = decide_black_box(c, headline, evidence or {}, settings)
+            continue
         raw = headline.get(c.metric)
         value = float(raw) if raw is not None else None
         rows[c.name] = decide_criterion(c, value, (evidence or {}).get(c.metric), settings)
@@ -262,11 +309,14 @@ def check(headline: Mapping[str, float], settings: GateSettings,
     p = rows[settings.primary]
     return {"verdict": verdict, "passed": verdict == "pass", "failed": failed, "inconclusive": open_,
             "criteria": rows, "confidence": settings.confidence, "method": settings.method,
-            "primary": {"criterion": settings.primary, "metric": p["metric"], "value": p["value"]}}
+            "primary": {"criterion": settings.primary, "metric": p["metric"], "value": p["value"]},
+            **({} if white_box else {"white_box": False})}
 
 
 def _fmt_value(r: Mapping[str, Any]) -> str:
-    return "not measured" if r["value"] is None else f"{r['value']:.4g}"
+    if r["value"] is None:
+        return "n/a" if r.get("note") == NO_GRADIENTS else "not measured"
+    return f"{r['value']:.4g}"
 
 
 def _fmt_n(r: Mapping[str, Any]) -> str:

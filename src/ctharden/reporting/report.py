@@ -26,6 +26,8 @@ from matplotlib.figure import Figure
 
 from ctharden.core.io import atomic_write_text
 from ctharden.evaluation.headline import (
+    NO_GRADIENTS,
+    blackbox_accuracy_name,
     clean_metric_name,
     ensemble_accuracy_name,
     ensemble_eps,
@@ -194,8 +196,8 @@ def plot_robust_accuracy(results: Mapping[str, Mapping[str, Any]], path: Path) -
 
 def plot_examples(visuals: Mapping[str, Any], path: Path, *, spatial_dims: int, title: str = "") -> Path | None:
     """Rows = example test samples; columns: clean, random NPS noisy image and its noise (HU),
-    optimised NPS image and its perturbation (HU), PGD example and its difference. 3D: central
-    axial slice."""
+    optimised NPS image and its perturbation (HU), PGD example and its difference (the columns the
+    examples hold). 3D: central axial slice."""
     ex = visuals.get("examples") or []
     if not ex:
         return None
@@ -208,7 +210,8 @@ def plot_examples(visuals: Mapping[str, Any], path: Path, *, spatial_dims: int, 
         image: np.ndarray = a[a.shape[0] // 2] if a.ndim == 3 else a
         return image
 
-    cols = ["clean", "random", "random_noise_hu", "optimized", "optimized_noise_hu", "pgd", "pgd_diff"]
+    cols = [c for c in ("clean", "random", "random_noise_hu", "optimized", "optimized_noise_hu", "pgd", "pgd_diff")
+            if c.removesuffix("_diff") in ex[0]]  # a black-box evaluation's examples: clean and random only
     fig = Figure(figsize=(2.0 * len(cols), 2.2 * len(ex) + 0.5), dpi=110, layout="constrained")
     axes = fig.subplots(len(ex), len(cols), squeeze=False)
     for r, e in enumerate(ex):
@@ -231,8 +234,8 @@ def plot_examples(visuals: Mapping[str, Any], path: Path, *, spatial_dims: int, 
             else:
                 ax.imshow(central(e[col]), cmap="gray", vmin=lo, vmax=hi)
                 s = e["scores"][col]
-                extra = {"random": f" {e['mas']:g} mAs", "optimized": f" {e['mas']:g} mAs",
-                         "pgd": f" ε={e['pgd_eps']:g}"}.get(col, f" y={e['label']}")
+                extra = (f" {e['mas']:g} mAs" if col in ("random", "optimized") else
+                         f" ε={e['pgd_eps']:g}" if col == "pgd" else f" y={e['label']}")
                 ax.set_title(f"{col}{extra}\np={s:.3f}", fontsize=7)
     if title:
         fig.suptitle(title, fontsize=9)
@@ -270,7 +273,14 @@ def table2_rows(result: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
             lv = _levels(block)
             rows.append([short, split, str(block["n"]), str(block["k"]),
                          *[_pct(v, block["n_models"], _iv(result, san_rate_name(short, split, v["mas"]))) for v in lv]])
+    if not result["optimized_nps"] and _black_box(result):
+        rows.append(["optimized", "all", "", "", *[NO_GRADIENTS] * len(mas)])
     return header, rows
+
+
+def _black_box(result: Mapping[str, Any]) -> bool:
+    """Whether the result is a black-box evaluation (a model without input gradients)."""
+    return (result.get("white_box") or {}).get("applicable", True) is False
 
 
 def clean_rows(result: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
@@ -297,6 +307,13 @@ def pgd_rows(result: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
     header = ["norm", "ε", "ε (HU)", "robust accuracy, worst case [95 % CI]", "survived / N",
               "100-PGD alone [95 % CI]", "broken only by Square"]
     rows = []
+    for norm, c in (result.get("blackbox") or {}).items():  # a model without gradients: Square alone
+        hu = c.get("eps_hu") or [None] * len(c["eps"])
+        for i, (e, h, a) in enumerate(zip(c["eps"], hu, c["accuracy"], strict=True)):
+            cell = f"{a:.3f}{ci_text(_iv(result, blackbox_accuracy_name(norm, e)))}"
+            rows.append([norm, f"{e:g}", "" if h is None else f"{h:.3g}",
+                         cell if i == 0 else f"≤ {cell} (Square alone: an upper bound)", f"{c['survived'][i]}/{c['n']}",
+                         NO_GRADIENTS, ""])
     for norm, c in result["pgd"].items():
         hu = c.get("eps_hu") or [None] * len(c["eps"])
         survived = c.get("survived") or [None] * len(c["eps"])
@@ -341,6 +358,9 @@ def attack_rows(result: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
 def sanity_rows(result: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
     header = ["norm", "check", "verdict", "value", "detail"]
     rows = []
+    if _black_box(result):
+        rows.append(["all", "every white-box check (budget, convergence, gradient masking)", NO_GRADIENTS, "",
+                     "Square's outputs were checked for budget and clip range"])
     for norm, s in result["sanity"].items():
         for c in s["checks"]:
             rows.append([norm, c["name"], "pass" if c["passed"] else "FAIL", f"{c['value']:.3g}",
@@ -411,16 +431,19 @@ def bound_text(r: Mapping[str, Any]) -> str:
 def verdict_rows(rec: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
     """A gate record (:func:`ctharden.gate.criteria.check`) as a table: per criterion the point
     value, the one-sided bound the decision rests on, k/n, the threshold, the decision and, for an
-    inconclusive one, the samples that would decide it."""
+    inconclusive one, the samples that would decide it (or why no sample count can: a white-box
+    criterion of a model without gradients)."""
     conf = rec.get("confidence")
     header = ["criterion", "value", f"{int(100 * conf)} % bound" if conf else "bound", "k / n", "threshold",
               "decision", "to decide"]
     rows = []
     for name, r in rec["criteria"].items():
-        value = "not measured" if r["value"] is None else f"{r['value']:.4g}"
+        note = r.get("note")
+        value = ("n/a" if note == NO_GRADIENTS else "not measured") if r["value"] is None else f"{r['value']:.4g}"
         kn = "" if r.get("n") is None else (f"{r['k']}/{r['n']}" if r.get("k") is not None else f"n={r['n']}")
         decision = r.get("decision") or ("pass" if r["passed"] else "fail")
-        todo = f"~{r['samples_to_decide']} samples" if r.get("samples_to_decide") else ""
+        todo = f"~{r['samples_to_decide']} samples" if r.get("samples_to_decide") else (
+            note if note and note != "not measured" else "")
         rows.append([f"{r['description']} ({name})", value, bound_text(r), kn, f"{r['op']} {r['threshold']:g}",
                      VERDICT_TEXT[decision], todo])
     return header, rows
@@ -485,8 +508,8 @@ def render_html(
     if shared:
         parts.append("<h2>All models</h2>" + "".join(_img(p) for p in shared.values()))
     for name, res in results.items():
-        verdict = "pass" if res["sanity_passed"] else "FAIL"
-        cls = "pass" if res["sanity_passed"] else "failv"
+        verdict = NO_GRADIENTS if res["sanity_passed"] is None else "pass" if res["sanity_passed"] else "FAIL"
+        cls = "pass" if res["sanity_passed"] is not False else "failv"
         meta = res.get("model", {})
         parts.append(f"<h2>{html.escape(name)}</h2>")
         parts.append(f"<p>model <code>{html.escape(str(meta.get('file', '')))}</code> "
@@ -499,12 +522,12 @@ def render_html(
             parts.append(f"<h3>{html.escape(caption)}</h3>" + _html_table(header, rows))
         parts.append("<h3>Clean metrics [95 % CI]</h3>" + _html_table(*clean_rows(res)))
         parts.append("<h3>NPS attacks: SAN/N (%) (shen 2020, Table 2)</h3>" + _html_table(*table2_rows(res)))
+        steps = (f"(mean {res['optimized_nps'][next(iter(res['optimized_nps']))].get('mean_steps', 0):.1f} "
+                 "steps per chain)" if res["optimized_nps"] else f"({NO_GRADIENTS})")
         parts.append(
             "<p>A sample counts as attacked when any of the K perturbations changes its fp32 predicted "
             "label. Random: K NPS noise realisations per mAs. Optimised: Algorithm 1, projected "
-            "gradient ascent on ‖D(x+p)−D(x)‖² with the NPS projection after each step "
-            f"(mean {res['optimized_nps'][next(iter(res['optimized_nps']))].get('mean_steps', 0):.1f} "
-            "steps per chain).</p>")
+            f"gradient ascent on ‖D(x+p)−D(x)‖² with the NPS projection after each step {steps}.</p>")
         if res.get("trends"):
             parts.append("<h3>The papers' trends on this model</h3><ul>" + "".join(
                 f"<li>{html.escape(line[2:])}</li>" for line in trend_lines(res["trends"])) + "</ul>")
@@ -544,7 +567,8 @@ def summary_markdown(results: Mapping[str, Mapping[str, Any]], report_path: str 
         test = res["clean"].get("test", {})
         auc = test.get("auc")
         failed = ", ".join(f"{n}: {', '.join(s['flags'])}" for n, s in res["sanity"].items() if not s["passed"])
-        verdict = "pass" if res["sanity_passed"] else f"FAIL ({failed})"
+        passed = res["sanity_passed"]
+        verdict = NO_GRADIENTS if passed is None else "pass" if passed else f"FAIL ({failed})"
         auc_txt = f"{auc:.3f}" if auc is not None else "n/a"
         auc_txt += ci_text(test.get("auc_delong"))
         out += [f"## {name}", "", f"clean test AUC {auc_txt}; sanity checks {verdict}", "",

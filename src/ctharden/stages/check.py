@@ -13,7 +13,9 @@ In order, each step refusing bad input with one line (:class:`DataError` / :clas
 3. the contract against the data: spatial dims and shape, and units (a ``display`` model needs
    [0, 1] data, a HU model HU data);
 4. the dry run (:func:`ctharden.models.dry_run.dry_run`): output shape, finite outputs,
-   deterministic forward, input gradients;
+   deterministic forward, input gradients (a model without them, ONNX, gets the black-box
+   evaluation: random NPS noise, Square, clean metrics; its white-box rows and criteria say "not
+   applicable: no gradients", see :mod:`ctharden.gate.criteria`);
 5. the robustness evaluation with the policy's settings (``robustness.jobs.<policy>``, sample caps
    from the gate's planner; attacks in fp32, since a foreign model need not support bf16
    autocast) and the gate with the policy's thresholds (``gate.jobs.<policy>``; ``default``:
@@ -110,12 +112,11 @@ def check_model(
     data = load_arrayset(dataset_dir, model)
     check_contract_fits(model, data.info, dataset_dir)
     probe = dry_run(model, data.x[:DRY_RUN_SAMPLES], name=str(model_ref))
-    if not getattr(model, "gradients", True):
-        raise DataError(f"{model_ref}: a model without input gradients (ONNX); the black-box-only check is not "
-                        "available yet: export it to TorchScript or torch.export for the full check")
+    white_box = bool(getattr(model, "gradients", True))
     settings = evaluation_settings(params, "" if policy == "default" else policy, int(data.raw.shape[-1]))
-    # fp32 attacks: a model from elsewhere need not support bf16 autocast (TorchScript backward fails)
-    settings = dataclasses.replace(settings, models="selected",
+    # fp32 attacks: a model from elsewhere need not support bf16 autocast (TorchScript backward fails);
+    # a model without gradients (ONNX) gets the black-box evaluation
+    settings = dataclasses.replace(settings, models="selected", white_box=white_box,
                                    pgd=dataclasses.replace(settings.pgd, autocast=False),
                                    optimized=dataclasses.replace(settings.optimized, autocast=False))
     result, visuals = evaluate_robustness(model, data, settings, seed=int(section(params, "seed")),
@@ -125,7 +126,7 @@ def check_model(
     result.update({"job": name, "dataset": dataset_dir.name, "dataset_dir": str(dataset_dir),
                    "dataset_hash": data.info["content_hash"], "validated": validation.get("success"),
                    "model": {"file": str(model_ref), "arch": getattr(model, "arch", "?"), "config": config}})
-    verdict = check(headline_metrics(result), gate_settings(params, policy), result["intervals"])
+    verdict = check(headline_metrics(result), gate_settings(params, policy), result["intervals"], white_box=white_box)
     figures = write_job_figures(result, visuals, cast(CTClassifier, model), out / "plots", out / "figures")
     report = write_report(out, {name: result}, {name: figures}, params.get("profile"), verdicts={name: verdict})
     record = {**verdict, "policy": policy, "dry_run": probe, "model": result["model"],

@@ -157,7 +157,7 @@ def write_job_figures(result: dict[str, Any], visuals: dict[str, Any], model: CT
             visuals, report_dir / "examples.png", spatial_dims=int(model.spatial_dims), title=name),
     }
     ex = visuals.get("examples") or []
-    if ex and has_conv_layers(model):
+    if ex and "pgd" in ex[0] and has_conv_layers(model):
         # attention on the clean sample vs its PGD example (or its optimised NPS image)
         e = next((e for e in ex if (e["scores"]["pgd"] > 0.5) != (e["scores"]["clean"] > 0.5)), ex[0])
         attacked = e["pgd"] if (e["scores"]["pgd"] > 0.5) != (e["scores"]["clean"] > 0.5) else e["optimized"]
