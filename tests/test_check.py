@@ -79,13 +79,14 @@ def team(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {"root": root, "data": ds, "validation": root / "validation"}
 
 
-def _check(team: dict[str, Path], model: str, out: str, *extra: str, contract: str = "contract.yaml"
-           ) -> subprocess.CompletedProcess[str]:
+def _check(team: dict[str, Path], model: str, out: str, *extra: str, contract: str = "contract.yaml",
+           register: str | None = None) -> subprocess.CompletedProcess[str]:
+    """``ctharden --profile smoke EXTRA... check`` of ``model`` on the team's data under the nodule3d policy."""
     root = team["root"]
     return subprocess.run(
         [*CLI, "--profile", "smoke", *extra, "check", "--model", str(root / model), "--data", str(team["data"]),
          "--contract", str(root / contract), "--policy", "nodule3d", "--out", str(root / out),
-         "--validation", str(team["validation"])],
+         "--validation", str(team["validation"]), *(["--register", register] if register else [])],
         capture_output=True, text=True, timeout=900)
 
 
@@ -136,6 +137,46 @@ def test_an_onnx_model_gets_the_black_box_check(team: dict[str, Path]) -> None:
     assert square["accuracy"][0] == pytest.approx(ts["pgd"]["linf"]["accuracy"][0])
     html = (out / "index.html").read_text()
     assert html.count("not applicable: no gradients") >= 3 and "Square alone: an upper bound" in html
+
+
+def test_register_puts_only_a_passing_model_into_the_registry(team: dict[str, Path]) -> None:
+    """--register: the passing TorchScript model becomes version 1 (champion) tagged like a pipeline
+    model; the inconclusive ONNX model is not registered; the registered version loads without a
+    contract file (its bundle brings one) and checks the same; registering it again is a no-op."""
+    from mlflow import MlflowClient
+
+    from ctharden.core.io import sha256_file
+
+    root = team["root"]
+    store = root / "registry"
+    ml = ["--set", f"mlflow.db={store / 'mlflow.db'}", "--set", f"mlflow.artifacts={store / 'mlruns'}"]
+    r = _check(team, "team.ts", "reg_ts", *ml, register="team-model")
+    gate = json.loads((root / "reg_ts" / "gate.json").read_text())
+    assert gate["verdict"] == "pass" and r.returncode == 0, r.stdout + r.stderr
+    reg = gate["registration"]
+    assert reg["status"] == "registered" and reg["version"] == "1" and reg["aliases"] == ["challenger", "champion"]
+    assert "registered: models:/team-model/1" in " ".join(r.stdout.split())
+    r = _check(team, "team.onnx", "reg_onnx", *ml, "--set", "gate.defaults.sanity=true", register="team-model")
+    assert r.returncode == 3 and "not registered as team-model" in r.stdout, r.stdout + r.stderr
+    assert json.loads((root / "reg_onnx" / "gate.json").read_text())["registration"]["status"] == "rejected"
+    client = MlflowClient(f"sqlite:///{store / 'mlflow.db'}")
+    (version,) = client.search_model_versions("name = 'team-model'")
+    tags = version.tags
+    assert tags["ctharden.gate"] == "passed" and tags["ctharden.policy"] == "nodule3d"
+    assert tags["ctharden.model_sha256"] == sha256_file(root / "team.ts") and tags["ctharden.variant"] == "external"
+    assert tags["ctharden.gate.robust_linf_acc_eps0.01"].endswith(": pass")
+    assert "ctharden.data_dvc_md5" not in tags and tags["ctharden.registration"] == "complete"
+    # the registered version checks again from the registry, with the contract it was registered with
+    r = subprocess.run(
+        [*CLI, "--profile", "smoke", *ml, "check", "--model", "models:/team-model@champion", "--data",
+         str(team["data"]), "--policy", "nodule3d", "--out", str(root / "reg_again"),
+         "--validation", str(team["validation"])], capture_output=True, text=True, timeout=900)
+    again = json.loads((root / "reg_again" / "gate.json").read_text())
+    assert r.returncode == 0 and again["model"]["arch"] == "external:torchscript", r.stdout + r.stderr
+    assert again["criteria"] == gate["criteria"]
+    r = _check(team, "team.ts", "reg_ts2", *ml, register="team-model")
+    assert json.loads((root / "reg_ts2" / "gate.json").read_text())["registration"]["status"] == "already registered"
+    assert len(client.search_model_versions("name = 'team-model'")) == 1
 
 
 def test_a_masked_team_model_fails_the_check(team: dict[str, Path]) -> None:

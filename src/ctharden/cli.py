@@ -378,6 +378,8 @@ def check_cmd(
         "--trust-code", help="Allow importing and running your code (--factory, pickled MLflow models).")] = False,
     validation: Annotated[Path | None, typer.Option(
         help="The dataset's validation dir; default: validate now.")] = None,
+    register: Annotated[str | None, typer.Option(
+        help="Register the model under this name in the MLflow registry if (and only if) the gate passes.")] = None,
 ) -> None:
     """Check a model ctharden did not build: dry run, clean metrics, NPS noise, the attack
     ensemble with its self-checks, the gate and a report. Exit code = verdict: 0 pass,
@@ -386,8 +388,14 @@ def check_cmd(
     from ctharden.stages.check import EXIT_CODES, check_model
 
     rec = check_model(model, data, state.params(), out_dir=out, contract_file=contract, policy=policy,
-                      factory=factory, trust_code=trust_code, validation_dir=validation)
+                      factory=factory, trust_code=trust_code, validation_dir=validation, register=register)
     out_console.print(f"{model}: [bold]{rec['verdict'].upper()}[/] under policy {policy}  {reasons(rec)}")
+    reg = rec.get("registration")
+    if reg is not None and reg["status"] == "rejected":
+        out_console.print(f"not registered as {reg['name']}: the gate did not pass")
+    elif reg is not None:
+        out_console.print(f"{reg['status']}: models:/{reg['name']}/{reg['version']} (aliases: "
+                          f"{', '.join(reg['aliases']) or 'none'}; {reg.get('champion_decision', '')})")
     out_console.print(f"report: {rec['report']}")
     raise typer.Exit(EXIT_CODES[rec["verdict"]])
 

@@ -13,11 +13,15 @@ MLflow ``pytorch`` model    ``runs:/…``, ``models:/…`` or a local directory 
                             (``torch.load(weights_only=True)``) fills it; imports and runs user code,
                             so it needs ``trust_code=True``
 ONNX (``.onnx``)            onnxruntime; black-box only (``gradients=False``): no input gradients
+model bundle                a directory (local, ``runs:/…``, ``models:/…``) that :func:`write_bundle`
+                            wrote: one of the above plus its ``contract.yaml`` (what ``ctharden check
+                            --register`` puts in the registry, so a registered version loads as is)
 ==========================  =========================================================================
 
 A pickled whole module (``torch.save(model)``) is refused: unpickling it runs arbitrary code. The
 message says how to export it instead. Everything but a ctharden model file needs a
-:class:`~ctharden.config.schema.ModelContract`. Every failure is a :class:`DataError` with one line.
+:class:`~ctharden.config.schema.ModelContract` (a directory that holds ``contract.yaml`` brings its
+own). Every failure is a :class:`DataError` with one line.
 """
 
 from __future__ import annotations
@@ -25,16 +29,18 @@ from __future__ import annotations
 import importlib
 import os
 import pickle
+import shutil
 import zipfile
 from pathlib import Path
 from typing import Any, cast
 
 import numpy as np
 import torch
+import yaml
 from torch import nn
 
-from ctharden.config.schema import ModelContract
-from ctharden.core.errors import DataError
+from ctharden.config.schema import ModelContract, validate_section
+from ctharden.core.errors import ConfigError, DataError
 from ctharden.models.external import ExternalClassifier
 from ctharden.models.files import MODEL_FORMAT, model_from_blob
 
@@ -42,6 +48,22 @@ EXPORT_HINT = ("export it instead: torch.jit.save(torch.jit.script(model), 'mode
                "torch.export.save(torch.export.export(model, (example,)), 'model.pt2'), "
                "or save model.state_dict() and pass --factory package.module:function --trust-code")
 MLFLOW_PREFIXES = ("runs:/", "models:/")
+CONTRACT_FILE = "contract.yaml"  # a model directory's own contract
+BUNDLE_FILE = "ctharden-model.yaml"  # a bundle's index: {file: the model file's name, factory: spec or null}
+
+
+def load_contract(path: str | Path | None) -> ModelContract | None:
+    """The model contract in ``path`` (YAML), validated; None without a path."""
+    if path is None:
+        return None
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: contract file not found") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    return validate_section(ModelContract, data, (path.name,))
 
 
 def _zip_names(path: Path) -> list[str]:
@@ -170,10 +192,8 @@ def _mlflow_dir(ref: str) -> Path:
         raise DataError(f"{ref}: cannot fetch the MLflow model ({str(exc).splitlines()[0]})") from None
 
 
-def _from_mlflow(ref: str, trust_code: bool) -> tuple[nn.Module, str]:
-    import yaml
-
-    root = _mlflow_dir(ref)
+def _from_mlflow(root: Path, ref: str, trust_code: bool) -> tuple[nn.Module, str]:
+    """The network of the MLflow model in the local directory ``root`` (fetched for ``ref``)."""
     mlmodel = root / "MLmodel"
     if not mlmodel.is_file():
         if (root / "model.pt").is_file():  # a ctharden run's model-file artifact
@@ -208,7 +228,14 @@ def load_any(
     """
     path = Path(ref)
     text = str(ref)
-    is_mlflow = text.startswith(MLFLOW_PREFIXES) or (path.is_dir() and (path / "MLmodel").is_file())
+    root = _mlflow_dir(text) if text.startswith(MLFLOW_PREFIXES) or path.is_dir() else None
+    if root is not None and contract is None and (root / CONTRACT_FILE).is_file():
+        contract = load_contract(root / CONTRACT_FILE)
+    if root is not None and (root / BUNDLE_FILE).is_file():
+        spec = yaml.safe_load((root / BUNDLE_FILE).read_text()) or {}
+        return load_any(root / str(spec.get("file")), contract, factory=factory or spec.get("factory"),
+                        trust_code=trust_code)
+    is_mlflow = root is not None and (text.startswith(MLFLOW_PREFIXES) or (root / "MLmodel").is_file())
     if not is_mlflow and not path.exists():
         raise DataError(f"{ref}: no such model file or directory, and not a runs:/ or models:/ URI")
     kind = archive_kind(path) if path.is_file() else "unknown"
@@ -224,8 +251,8 @@ def load_any(
     gradients, trainable = True, True
     if factory is not None:
         net, source = _from_factory(path, factory, trust_code), "factory"
-    elif is_mlflow:
-        net, source = _from_mlflow(text, trust_code)
+    elif is_mlflow and root is not None:
+        net, source = _from_mlflow(root, text, trust_code)
     elif path.suffix.lower() == ".onnx":
         net, source, gradients, trainable = OnnxModule(path), "onnx", False, False
     elif path.is_file():
@@ -236,3 +263,23 @@ def load_any(
         trainable = False  # a torch.export program: frozen in the mode it was exported in
     external = ExternalClassifier(net, contract, source, gradients=gradients, trainable=trainable)
     return external.eval()
+
+
+def write_bundle(ref: str | os.PathLike[str], out_dir: Path, *, contract_file: str | Path | None = None,
+                 factory: str | None = None) -> Path:
+    """Copy the model ``ref`` with its contract into ``out_dir`` so that :func:`load_any` loads the
+    directory as is: an MLflow model or a bundle directory is copied whole, a file goes in beside
+    ``ctharden-model.yaml`` (its name and ``factory``), and ``contract_file`` becomes
+    ``contract.yaml``. Returns ``out_dir``; the model itself is not loaded here."""
+    text, path = str(ref), Path(ref)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if text.startswith(MLFLOW_PREFIXES) or path.is_dir():
+        shutil.copytree(_mlflow_dir(text), out_dir, dirs_exist_ok=True)
+    elif path.is_file():
+        shutil.copy2(path, out_dir / path.name)
+        (out_dir / BUNDLE_FILE).write_text(yaml.safe_dump({"file": path.name, "factory": factory}))
+    else:
+        raise DataError(f"{ref}: no such model file or directory, and not a runs:/ or models:/ URI")
+    if contract_file is not None:
+        shutil.copy2(contract_file, out_dir / CONTRACT_FILE)
+    return out_dir

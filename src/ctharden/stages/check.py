@@ -22,7 +22,10 @@ In order, each step refusing bad input with one line (:class:`DataError` / :clas
    ``gate.defaults`` alone);
 6. writes ``out_dir/gate.json`` (the gate record, the dry run, the model and dataset),
    ``out_dir/robustness.json`` (the evaluation, per-sample outcomes included) and the HTML report
-   ``out_dir/index.html`` whose first screen is the verdict.
+   ``out_dir/index.html`` whose first screen is the verdict;
+7. with ``register=NAME``: registers the model in the MLflow registry only if the verdict is
+   ``pass`` (:mod:`ctharden.tracking.checked`), and adds what happened to ``gate.json``
+   (``registration``).
 """
 
 from __future__ import annotations
@@ -31,10 +34,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any, cast
 
-import yaml
-
 from ctharden.config.params import section
-from ctharden.config.schema import ModelContract, validate_section
 from ctharden.core.errors import ConfigError, DataError
 from ctharden.core.io import atomic_write_json
 from ctharden.data.arrays import load_arrayset
@@ -43,28 +43,16 @@ from ctharden.evaluation.units import evaluate_robustness
 from ctharden.gate.criteria import check, gate_settings
 from ctharden.models import CTClassifier
 from ctharden.models.dry_run import dry_run
-from ctharden.models.sources import load_any
+from ctharden.models.sources import MLFLOW_PREFIXES, load_any, load_contract
 from ctharden.noise.config import noise_model
 from ctharden.stages.evaluate import evaluation_settings, write_job_figures, write_report
 from ctharden.stages.evaluate_external import ensure_dataset_valid
+from ctharden.tracking.checked import register_checked
+from ctharden.tracking.runs import configure, tracking_from_params
 
 #: The exit code of ``ctharden check`` per verdict (1 is an error, 2 a usage error).
 EXIT_CODES = {"pass": 0, "inconclusive": 3, "fail": 4}
 DRY_RUN_SAMPLES = 8
-
-
-def load_contract(path: str | Path | None) -> ModelContract | None:
-    """The model contract in ``path`` (YAML), validated; None without a path."""
-    if path is None:
-        return None
-    path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: contract file not found") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
-    return validate_section(ModelContract, data, (path.name,))
 
 
 def check_contract_fits(model: Any, info: dict[str, Any], dataset_dir: Path) -> None:
@@ -99,14 +87,20 @@ def check_model(
     factory: str | None = None,
     trust_code: bool = False,
     validation_dir: str | Path | None = None,
+    register: str | None = None,
 ) -> dict[str, Any]:
-    """Steps 1-6 of the module docstring; returns the gate record (``verdict``, ``criteria``, ...)
-    with ``dry_run``, ``model``, ``dataset`` and ``report`` added."""
+    """Steps 1-7 of the module docstring; returns the gate record (``verdict``, ``criteria``, ...)
+    with ``dry_run``, ``model``, ``dataset``, ``report`` and, with ``register``, ``registration``
+    (:func:`ctharden.tracking.checked.register_checked`) added."""
+    if register is not None and (not register or "/" in register or "@" in register):
+        raise ConfigError(f"--register {register!r} is not a valid registered-model name")
     dataset_dir, out = Path(dataset_dir), Path(out_dir)
     gate_jobs = (params.get("gate") or {}).get("jobs") or {}
     if policy != "default" and policy not in gate_jobs:
         raise ConfigError(f"--policy {policy!r}: not a gate policy of params.yaml (default, "
                           f"{', '.join(gate_jobs)})")
+    if str(model_ref).startswith(MLFLOW_PREFIXES):  # fetched from the tracking store of params.yaml
+        configure(tracking_from_params(params))
     model = load_any(model_ref, load_contract(contract_file), factory=factory, trust_code=trust_code)
     validation = ensure_dataset_valid(dataset_dir, Path(validation_dir) if validation_dir else None)
     data = load_arrayset(dataset_dir, model)
@@ -126,7 +120,8 @@ def check_model(
     result.update({"job": name, "dataset": dataset_dir.name, "dataset_dir": str(dataset_dir),
                    "dataset_hash": data.info["content_hash"], "validated": validation.get("success"),
                    "model": {"file": str(model_ref), "arch": getattr(model, "arch", "?"), "config": config}})
-    verdict = check(headline_metrics(result), gate_settings(params, policy), result["intervals"], white_box=white_box)
+    result["headline"] = headline_metrics(result)
+    verdict = check(result["headline"], gate_settings(params, policy), result["intervals"], white_box=white_box)
     figures = write_job_figures(result, visuals, cast(CTClassifier, model), out / "plots", out / "figures")
     report = write_report(out, {name: result}, {name: figures}, params.get("profile"), verdicts={name: verdict})
     record = {**verdict, "policy": policy, "dry_run": probe, "model": result["model"],
@@ -134,4 +129,8 @@ def check_model(
               "report": str(report["html"])}
     atomic_write_json(out / "robustness.json", result)
     atomic_write_json(out / "gate.json", record)
+    if register is not None:
+        record["registration"] = register_checked(params, record, result, register, out_dir=out,
+                                                  contract_file=contract_file, factory=factory)
+        atomic_write_json(out / "gate.json", record)
     return record

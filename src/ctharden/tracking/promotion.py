@@ -35,7 +35,7 @@ from ctharden.core.io import load_json, sha256_file
 from ctharden.data.version import data_version
 from ctharden.evaluation.headline import CLEAN_TEST_AUC
 from ctharden.gate.champion import promotion_decision
-from ctharden.gate.criteria import VERDICT_WORD, gate_settings, reasons, verdict_of
+from ctharden.gate.criteria import VERDICT_WORD, GateSettings, gate_settings, reasons, verdict_of
 from ctharden.tracking.runs import OUTCOMES_ARTIFACT
 
 log = logging.getLogger(__name__)
@@ -105,7 +105,7 @@ def _model_uri(client: Any, run_id: str) -> str:
     return f"runs:/{run_id}/model"
 
 
-def _version_tags(params: Mapping[str, Any], record: Mapping[str, Any], result: Mapping[str, Any],
+def version_tags(params: Mapping[str, Any], record: Mapping[str, Any], result: Mapping[str, Any],
                   run_id: str) -> dict[str, str]:
     data = data_version(params)
     code = code_version()
@@ -165,10 +165,13 @@ def champion_outcomes(client: Any, champion: Any) -> dict[str, Any] | None:
 
 
 def champion_decision(params: Mapping[str, Any], record: Mapping[str, Any], new: Any, champion: Any | None,
-                      client: Any) -> tuple[bool, str]:
+                      client: Any, *, outcomes: Mapping[str, Any] | None = None,
+                      gate: GateSettings | None = None) -> tuple[bool, str]:
     """Should ``new`` (a model version of the gated ``record``) replace ``champion``? Returns
     ``(promote, why)``: by the paired tests of :func:`ctharden.gate.champion.promotion_decision` on
-    the two evaluations' per-sample outcomes (same samples, same seeds)."""
+    the two evaluations' per-sample outcomes (same samples, same seeds). ``outcomes`` and ``gate``:
+    the new evaluation's outcomes and the gate settings when they are not the pipeline's (the
+    job's outcomes file and ``gate_settings(params, job)``)."""
     if champion is None:
         return True, "no champion yet"
     if str(champion.version) == str(new.version):
@@ -176,13 +179,16 @@ def champion_decision(params: Mapping[str, Any], record: Mapping[str, Any], new:
     metric_new, metric_old = (new.tags or {}).get(f"{TAG}.primary"), (champion.tags or {}).get(f"{TAG}.primary")
     if metric_new != metric_old:
         return False, f"primary criterion differs from the champion's ({metric_new} vs {metric_old}): not comparable"
-    gs = gate_settings(params, record["job"])
-    mine = outcomes_path(params, record["variant"], record["job"])
-    if not mine.is_file():
-        return False, f"no per-sample outcomes of this evaluation ({mine}); re-run the evaluation"
-    new_out = load_json(mine)
-    if new_out.get("model_sha256") != record["model"]["sha256"]:
-        return False, f"{mine} is of another model than the one gated; re-run the evaluation"
+    gs = gate or gate_settings(params, record["job"])
+    if outcomes is None:
+        mine = outcomes_path(params, record["variant"], record["job"])
+        if not mine.is_file():
+            return False, f"no per-sample outcomes of this evaluation ({mine}); re-run the evaluation"
+        new_out = load_json(mine)
+        if new_out.get("model_sha256") != record["model"]["sha256"]:
+            return False, f"{mine} is of another model than the one gated; re-run the evaluation"
+    else:
+        new_out = dict(outcomes)
     old_out = champion_outcomes(client, champion)
     if old_out is None:
         return False, (f"champion v{champion.version} has no per-sample outcomes to pair with; re-evaluate it "
@@ -244,7 +250,7 @@ def register_record(params: Mapping[str, Any], record: Mapping[str, Any], client
         return {**out, "status": "already registered", "name": name, "version": str(mv.version),
                 "aliases": sorted(client.get_model_version(name, mv.version).aliases)}
     mv = existing[0] if existing else mlflow.register_model(_model_uri(client, run_id), name)
-    for key, value in _version_tags(params, record, result, run_id).items():
+    for key, value in version_tags(params, record, result, run_id).items():
         client.set_model_version_tag(name, mv.version, key, value)
     client.update_model_version(name, mv.version, description=_description(record, run_id))
     mv = client.get_model_version(name, mv.version)
