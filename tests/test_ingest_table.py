@@ -8,22 +8,20 @@ transposed axis, a missing rescale or a wrong resampling factor shows in the val
 
 from __future__ import annotations
 
-import csv
 import os
 import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
-import nibabel as nib
 import numpy as np
 import pandas as pd
 import pydicom
 import pytest
+from ct_files import write_dicom, write_manifest, write_nifti
 from PIL import Image
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import generate_uid
 
 from ctharden.core.errors import DataError
 from ctharden.data.dataset import load_array, read_info, read_manifest
@@ -39,50 +37,6 @@ COVID_PX = 24
 
 
 # --- writers -------------------------------------------------------------------------------------
-
-
-def _write_manifest(path: Path, rows: list[dict[str, Any]], columns: list[str] | None = None) -> Path:
-    columns = columns or list(dict.fromkeys(k for r in rows for k in r))
-    with open(path, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
-        w.writeheader()
-        w.writerows(rows)
-    return path
-
-
-def _nifti(path: Path, hu_zyx: np.ndarray, *, slope: float, inter: float, zooms: tuple[float, ...]) -> None:
-    """Store HU ``(z, y, x)`` as int16 ``(x, y, z)`` with raw = (HU - inter) / slope in the header's scaling."""
-    raw = np.round((hu_zyx.T - inter) / slope).astype(np.int16)
-    img = cast(Any, nib.Nifti1Image)(raw, np.diag([*zooms, 1.0]))  # nibabel's API is untyped here
-    header = cast(Any, img.header)
-    header.set_zooms(zooms)
-    header.set_slope_inter(slope, inter)
-    header.set_xyzt_units("mm")
-    nib.save(img, path)
-
-
-def _dicom(path: Path, hu: np.ndarray, *, z: float, spacing: float, slope: float, intercept: float,
-           series_uid: str, patient: str) -> None:
-    """One CT slice: HU ``(rows, cols)`` stored as uint16 raw = (HU - intercept) / slope."""
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = CTImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
-    ds.Modality, ds.PatientID = "CT", patient
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), series_uid
-    ds.ImagePositionPatient = [-50.0, -60.0, z]
-    ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-    ds.PixelSpacing = [spacing, spacing]
-    ds.SliceThickness = SERIES_STEP
-    ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
-    ds.Rows, ds.Columns = hu.shape
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
-    ds.PixelData = np.round((hu - intercept) / slope).astype(np.uint16).tobytes()
-    ds.save_as(path, enforce_file_format=True)
 
 
 def _nifti_hu(i: int) -> np.ndarray:
@@ -112,7 +66,7 @@ def src(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         slope = 2.0 if i % 3 == 0 else 1.0
         if name == "N1":
             hu[0, 0, 0] = -2000.0
-        _nifti(root / "nifti" / f"{name}.nii.gz", hu, slope=slope, inter=-1024.0, zooms=NIFTI_ZOOMS)
+        write_nifti(root / "nifti" / f"{name}.nii.gz", hu, slope=slope, inter=-1024.0, zooms=NIFTI_ZOOMS)
         expected[f"nifti_{name}"] = np.maximum(hu, -1024.0)
         patient = name.split("_")[0]
         nifti_rows.append({"path": f"nifti/{name}.nii.gz", "label": int(patient[1]) % 2, "patient_id": patient})
@@ -124,8 +78,9 @@ def src(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         uid = generate_uid()
         vol = np.stack([_slice_hu(p, SERIES_PX) + 20 * k for k in range(SERIES_SLICES)])
         for k in range(SERIES_SLICES):  # file names run against z: the reader must sort by position
-            _dicom(folder / f"{SERIES_SLICES - k:03d}.dcm", vol[k], z=-50.0 + SERIES_STEP * k,
-                   spacing=SERIES_SPACING, slope=1.0, intercept=-1024.0, series_uid=uid, patient=f"D{p}")
+            write_dicom(folder / f"{SERIES_SLICES - k:03d}.dcm", vol[k], z=-50.0 + SERIES_STEP * k,
+                        spacing=SERIES_SPACING, slope=1.0, intercept=-1024.0, series_uid=uid, patient=f"D{p}",
+                        thickness=SERIES_STEP)
         expected[f"series_D{p}"] = vol
         series_rows.append({"path": f"series/D{p}", "label": p % 2, "patient_id": f"D{p}",
                             "split": "test" if p >= 2 else "train"})
@@ -141,12 +96,13 @@ def src(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     slice_rows = []
     for p in range(4):
         hu = _slice_hu(p)
-        _dicom(root / "slices" / f"S{p}.dcm", hu, z=0.0, spacing=SLICE_SPACING, slope=2.0, intercept=-1024.0,
-               series_uid=generate_uid(), patient=f"S{p}")
+        write_dicom(root / "slices" / f"S{p}.dcm", hu, z=0.0, spacing=SLICE_SPACING, slope=2.0, intercept=-1024.0,
+                    series_uid=generate_uid(), patient=f"S{p}")
         expected[f"slices_S{p}"] = hu
         slice_rows.append({"path": f"slices/S{p}.dcm", "label": p % 2, "patient_id": f"S{p}"})
     hu = _slice_hu(4)
-    _nifti(root / "slices" / "S4.nii", hu[None], slope=1.0, inter=-1024.0, zooms=(SLICE_SPACING, SLICE_SPACING, 3.0))
+    write_nifti(root / "slices" / "S4.nii", hu[None], slope=1.0, inter=-1024.0,
+                zooms=(SLICE_SPACING, SLICE_SPACING, 3.0))
     np.save(root / "slices" / "S5.npy", _slice_hu(5)[None])
     expected["slices_S4"], expected["slices_S5"] = hu, _slice_hu(5)
     slice_rows += [{"path": "slices/S4.nii", "label": 0, "patient_id": "S4"},
@@ -165,10 +121,10 @@ def src(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     expected["png_C6"] = unit
     png_rows.append({"path": "png/C6.npy", "label": 1, "patient_id": "C3"})
     manifests = {
-        "nifti": _write_manifest(root / "nifti.csv", nifti_rows),
-        "series": _write_manifest(root / "series.csv", series_rows),
-        "slices": _write_manifest(root / "slices.csv", slice_rows),
-        "png": _write_manifest(root / "png.csv", png_rows),
+        "nifti": write_manifest(root / "nifti.csv", nifti_rows),
+        "series": write_manifest(root / "series.csv", series_rows),
+        "slices": write_manifest(root / "slices.csv", slice_rows),
+        "png": write_manifest(root / "png.csv", png_rows),
     }
     return {"root": root, "expected": expected, "manifests": manifests}
 
@@ -314,7 +270,7 @@ def _put(root: Path, rel: str, data: bytes | np.ndarray) -> str:
 def _truncated_nifti(root: Path) -> bytes:
     """A real .nii cut to 80 % of its bytes: the header reads, the voxels end early (nibabel's
     error message spans two lines; the ingester's must not)."""
-    _nifti(root / "whole.nii", _nifti_hu(0), slope=1.0, inter=-1024.0, zooms=NIFTI_ZOOMS)
+    write_nifti(root / "whole.nii", _nifti_hu(0), slope=1.0, inter=-1024.0, zooms=NIFTI_ZOOMS)
     data = (root / "whole.nii").read_bytes()
     return data[: len(data) * 4 // 5]
 
@@ -381,7 +337,7 @@ def test_bad_input_names_the_row_and_writes_nothing(case: str, tmp_path: Path) -
     root.mkdir()
     rows, kwargs, line, path, fragment = BAD[case](root, _npy_rows(root))
     columns = list(dict.fromkeys(k for r in rows for k in r))
-    manifest = _write_manifest(tmp_path / "m.csv", rows, columns)
+    manifest = write_manifest(tmp_path / "m.csv", rows, columns)
     out = tmp_path / "out"
     with pytest.raises(DataError) as exc:
         ingest_table(manifest, root, out, **{"task": "nodule2d", "n_folds": 2, **kwargs})
@@ -394,10 +350,10 @@ def test_missing_column_and_cli_error(tmp_path: Path) -> None:
     root = tmp_path / "root"
     root.mkdir()
     rows = _npy_rows(root)
-    manifest = _write_manifest(tmp_path / "m.csv", rows, ["path", "label"])
+    manifest = write_manifest(tmp_path / "m.csv", rows, ["path", "label"])
     with pytest.raises(DataError, match=r"line 1 \(header\): missing column\(s\) \['patient_id'\]"):
         ingest_table(manifest, root, tmp_path / "out", task="nodule2d")
-    bad = _write_manifest(tmp_path / "bad.csv", _replace(rows, 0, path="bad/nope.npy"))
+    bad = write_manifest(tmp_path / "bad.csv", _replace(rows, 0, path="bad/nope.npy"))
     r = subprocess.run(
         [str(CLI), "ingest", "table", "--manifest", str(bad), "--root", str(root), "--task", "nodule2d",
          "--out", str(tmp_path / "out")],
@@ -411,8 +367,8 @@ def test_missing_column_and_cli_error(tmp_path: Path) -> None:
 def test_pydicom_reads_what_the_helper_writes(tmp_path: Path) -> None:
     """Guard for the fixture itself: the slice helper writes real, standard DICOM."""
     hu = _slice_hu(0)
-    _dicom(tmp_path / "a.dcm", hu, z=1.0, spacing=0.5, slope=2.0, intercept=-1024.0, series_uid=generate_uid(),
-           patient="P")
+    write_dicom(tmp_path / "a.dcm", hu, z=1.0, spacing=0.5, slope=2.0, intercept=-1024.0, series_uid=generate_uid(),
+                patient="P")
     ds = pydicom.dcmread(tmp_path / "a.dcm")
     assert ds.preamble is not None and float(ds.RescaleSlope) == 2.0
     np.testing.assert_array_equal(ds.pixel_array * 2.0 - 1024.0, hu)
