@@ -185,6 +185,46 @@ def test_a_masked_team_model_fails_the_check(team: dict[str, Path]) -> None:
     assert r.returncode == 4 and gate["verdict"] == "fail" and "sanity" in gate["failed"], r.stdout + r.stderr
 
 
+def _harden(team: dict[str, Path], model: str, out: str, *extra: str) -> subprocess.CompletedProcess[str]:
+    root = team["root"]
+    return subprocess.run(
+        [*CLI, "--profile", "smoke", "harden", "--model", str(root / model), "--data", str(team["data"]),
+         "--contract", str(root / "contract.yaml"), "--policy", "nodule3d", "--out", str(root / out),
+         "--validation", str(team["validation"]), *extra],
+        capture_output=True, text=True, timeout=900)
+
+
+def test_harden_fine_tunes_a_team_model_and_checks_before_and_after(team: dict[str, Path]) -> None:
+    """`ctharden harden --model`: adversarial fine-tuning of the TorchScript model at the given ε,
+    saved as TorchScript, both models checked; the original file untouched."""
+    root = team["root"]
+    before = (root / "team.ts").read_bytes()
+    r = _harden(team, "team.ts", "hard", "--method", "adv", "--eps", "0.01")
+    rec = json.loads((root / "hard" / "harden.json").read_text())
+    assert r.returncode == {"pass": 0, "inconclusive": 3, "fail": 4}[rec["hardened"]["verdict"]], r.stdout + r.stderr
+    assert rec["method"] == "adv" and rec["eps"] == 0.01 and rec["source"] == "torchscript" and rec["history"]
+    assert rec["hardened_model"].endswith("hardened.ts") and rec["baseline"]["verdict"] in ("pass", "fail",
+                                                                                            "inconclusive")
+    hardened = json.loads((root / "hard" / "hardened" / "gate.json").read_text())
+    assert hardened["model"]["arch"] == "external:torchscript" and (root / "hard" / "baseline" / "gate.json").is_file()
+    old, new = torch.jit.load(str(root / "team.ts")), torch.jit.load(rec["hardened_model"])
+    moved = [float((a - b).abs().max()) for a, b in zip(old.parameters(), new.parameters(), strict=True)]
+    assert max(moved) > 0 and (root / "team.ts").read_bytes() == before
+    assert "hardened with adv ε=0.01" in " ".join(r.stdout.split())
+
+
+@pytest.mark.parametrize(("model", "extra", "message"), [
+    ("team.onnx", ("--eps", "0.01"), "cannot be fine-tuned"),
+    ("team.ts", ("--method", "adv"), "needs a training eps"),
+    ("team.ts", ("--method", "dropout", "--eps", "0.01"), "not a hardening method"),
+])
+def test_harden_refuses_what_it_cannot_train_in_one_line(team: dict[str, Path], model: str, extra: tuple[str, ...],
+                                                         message: str) -> None:
+    r = _harden(team, model, "hard_bad", *extra)
+    assert r.returncode == 1 and message in " ".join(r.stderr.split()), r.stdout + r.stderr
+    assert not (team["root"] / "hard_bad" / "harden.json").exists()
+
+
 @pytest.mark.parametrize(("contract", "message"), [
     ("bad_contract.yaml", r"input_shape \[16, 16, 16\] does not match"),
     ("wrong_output.yaml", "wrong output shape: a logit output must be"),

@@ -400,6 +400,50 @@ def check_cmd(
     raise typer.Exit(EXIT_CODES[rec["verdict"]])
 
 
+@app.command("harden")
+def harden_cmd(
+    model: Annotated[str, typer.Option(help="A trainable model: TorchScript, or a state_dict with --factory.")],
+    data: Annotated[Path, typer.Option(help="Dataset directory (e.g. from `ctharden ingest table`).")],
+    out: Annotated[Path, typer.Option(help="Write the hardened model, harden.json and both checks here.")],
+    contract: Annotated[Path | None, typer.Option(help="Model contract YAML (see `ctharden check`).")] = None,
+    policy: Annotated[str, typer.Option(
+        help="Robustness policy: a gate job of params.yaml (e.g. nodule2d) or default.")] = "default",
+    method: Annotated[str | None, typer.Option(
+        help="adv | ima | rand | trades | nps | adaptive (default: the policy's harden.method).")] = None,
+    eps: Annotated[float | None, typer.Option(
+        help="Training ε in model-input units (adv, rand, trades; IMA: its ε_max).")] = None,
+    factory: Annotated[str | None, typer.Option(
+        help="package.module:function that builds the network for a state_dict (needs --trust-code).")] = None,
+    trust_code: Annotated[bool, typer.Option("--trust-code", help="Allow importing and running your code.")] = False,
+    validation: Annotated[Path | None, typer.Option(
+        help="The dataset's validation dir; default: validate now.")] = None,
+    register: Annotated[str | None, typer.Option(
+        help="Register the hardened model under this name if (and only if) its check passes.")] = None,
+    compare: Annotated[bool, typer.Option(help="Also check the original model, for before/after.")] = True,
+) -> None:
+    """Fine-tune a team's own model with a hardening method and ε, then check it (and the original).
+    Exit code = the hardened model's verdict: 0 pass, 3 inconclusive, 4 fail (1: bad input)."""
+    from ctharden.stages.check import EXIT_CODES
+    from ctharden.stages.harden_external import harden_external_model
+
+    rec = harden_external_model(model, data, state.params(), out_dir=out, contract_file=contract, policy=policy,
+                                method=method, eps=eps, factory=factory, trust_code=trust_code,
+                                validation_dir=validation, register=register, compare=compare)
+    eps_text = f" ε={rec['eps']:.4g} ({rec['norm']})" if rec["eps"] is not None else ""
+    out_console.print(f"{model}: hardened with {rec['method']}{eps_text} -> {rec['hardened_model']}")
+    for name in ("baseline", "hardened"):
+        r = rec[name]
+        if r is not None:
+            p = r["primary"]
+            value = "n/a" if p["value"] is None else f"{p['value']:.4g}"
+            out_console.print(f"  {name}: [bold]{r['verdict'].upper()}[/] ({p['criterion']} {value}); {r['report']}")
+    reg = rec["hardened"].get("registration")
+    if reg is not None:
+        out_console.print(f"  registration: {reg['status']}" + (f" models:/{reg['name']}/{reg['version']}"
+                                                                 if reg.get("version") else ""))
+    raise typer.Exit(EXIT_CODES[rec["hardened"]["verdict"]])
+
+
 def _print_robustness(result: EvaluateResult) -> None:
     from ctharden.reporting.report import markdown_table, pgd_rows, table2_rows
 

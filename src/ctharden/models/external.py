@@ -20,6 +20,8 @@ applicable and the evaluation says so.
 
 from __future__ import annotations
 
+import copy
+import io
 from typing import Any
 
 import torch
@@ -146,6 +148,21 @@ class ExternalClassifier(nn.Module):
         except NotImplementedError:
             pass
         return self
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> ExternalClassifier:
+        """A copy with its own parameters. A TorchScript ``net`` is copied through its own
+        serialisation: ``copy.deepcopy`` of a ScriptModule gives non-leaf parameters that no
+        optimizer accepts (torch 2.13), which would stop hardening a TorchScript model."""
+        if isinstance(self.net, torch.jit.ScriptModule):
+            buffer = io.BytesIO()
+            torch.jit.save(self.net, buffer)
+            buffer.seek(0)
+            net: nn.Module = torch.jit.load(buffer)  # type: ignore[no-untyped-call]
+        else:
+            net = copy.deepcopy(self.net, memo)
+        twin = ExternalClassifier(net, self.contract.model_copy(deep=True), self.source, gradients=self.gradients,
+                                  trainable=self.trainable)
+        return twin.train(self.training)
 
     def config(self) -> dict[str, Any]:
         """The contract and the source (what the registry tags and the report show)."""

@@ -55,6 +55,15 @@ EXIT_CODES = {"pass": 0, "inconclusive": 3, "fail": 4}
 DRY_RUN_SAMPLES = 8
 
 
+def policy_job(params: dict[str, Any], policy: str) -> str:
+    """The job whose settings a ``--policy`` names (``""`` for ``default``: the defaults alone);
+    :class:`ConfigError` for a policy that is not a gate job of ``params.yaml``."""
+    gate_jobs = (params.get("gate") or {}).get("jobs") or {}
+    if policy != "default" and policy not in gate_jobs:
+        raise ConfigError(f"--policy {policy!r}: not a gate policy of params.yaml (default, {', '.join(gate_jobs)})")
+    return "" if policy == "default" else policy
+
+
 def check_contract_fits(model: Any, info: dict[str, Any], dataset_dir: Path) -> None:
     """:class:`DataError` unless the model's contract fits the dataset's arrays and units."""
     contract = getattr(model, "contract", None)
@@ -95,10 +104,7 @@ def check_model(
     if register is not None and (not register or "/" in register or "@" in register):
         raise ConfigError(f"--register {register!r} is not a valid registered-model name")
     dataset_dir, out = Path(dataset_dir), Path(out_dir)
-    gate_jobs = (params.get("gate") or {}).get("jobs") or {}
-    if policy != "default" and policy not in gate_jobs:
-        raise ConfigError(f"--policy {policy!r}: not a gate policy of params.yaml (default, "
-                          f"{', '.join(gate_jobs)})")
+    job = policy_job(params, policy)
     if str(model_ref).startswith(MLFLOW_PREFIXES):  # fetched from the tracking store of params.yaml
         configure(tracking_from_params(params))
     model = load_any(model_ref, load_contract(contract_file), factory=factory, trust_code=trust_code)
@@ -107,7 +113,7 @@ def check_model(
     check_contract_fits(model, data.info, dataset_dir)
     probe = dry_run(model, data.x[:DRY_RUN_SAMPLES], name=str(model_ref))
     white_box = bool(getattr(model, "gradients", True))
-    settings = evaluation_settings(params, "" if policy == "default" else policy, int(data.raw.shape[-1]))
+    settings = evaluation_settings(params, job, int(data.raw.shape[-1]))
     # fp32 attacks: a model from elsewhere need not support bf16 autocast (TorchScript backward fails);
     # a model without gradients (ONNX) gets the black-box evaluation
     settings = dataclasses.replace(settings, models="selected", white_box=white_box,
