@@ -31,15 +31,7 @@ from typing import Any
 from ctharden.core.io import atomic_write_json, sha256_file
 from ctharden.gate.criteria import VERDICT_WORD, gate_settings, reasons, verdict_of
 from ctharden.models.sources import write_bundle
-from ctharden.tracking.promotion import (
-    CHALLENGER,
-    CHAMPION,
-    COMPLETE,
-    TAG,
-    alias_version,
-    champion_decision,
-    version_tags,
-)
+from ctharden.tracking.promotion import COMPLETE, TAG, complete_version, version_tags
 from ctharden.tracking.runs import OUTCOMES_ARTIFACT, Tracking, configure, tracking_from_params
 
 VARIANT = "external"
@@ -115,20 +107,8 @@ def register_checked(params: Mapping[str, Any], record: Mapping[str, Any], resul
     tags = version_tags(params, tagged, result, run_id)
     tags.pop(f"{TAG}.data_dvc_md5", None)  # the repository's sample data, not the checked dataset
     tags[f"{TAG}.policy"] = policy
-    for key, value in tags.items():
-        client.set_model_version_tag(name, mv.version, key, value)
-    client.set_registered_model_alias(name, CHALLENGER, mv.version)
-    mv = client.get_model_version(name, mv.version)
-    promote, why = champion_decision(params, tagged, mv, alias_version(client, name, CHAMPION), client,
-                                     outcomes=outcomes, gate=gate_settings(params, policy))
-    if promote:
-        client.set_registered_model_alias(name, CHAMPION, mv.version)
-    decision = ("promoted: " if promote else "kept: ") + why
-    client.set_model_version_tag(name, mv.version, f"{TAG}.champion_decision", decision)
-    client.set_model_version_tag(name, mv.version, COMPLETE, "complete")
-    client.set_tag(run_id, f"{TAG}.gate", "passed")
-    client.set_tag(run_id, f"{TAG}.registered", f"models:/{name}/{mv.version}")
-    out = {"status": "registered", "name": name, "version": str(mv.version), "run_id": run_id,
-           "champion_decision": decision, "aliases": sorted(client.get_model_version(name, mv.version).aliases)}
+    done = complete_version(params, tagged, client, mv, run_id, tags=tags, outcomes=outcomes,
+                            gate=gate_settings(params, policy))
+    out = {"status": "registered", "name": name, "run_id": run_id, **done}
     atomic_write_json(out_dir / "registration.json", out)
     return out

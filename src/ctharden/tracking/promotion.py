@@ -250,22 +250,37 @@ def register_record(params: Mapping[str, Any], record: Mapping[str, Any], client
         return {**out, "status": "already registered", "name": name, "version": str(mv.version),
                 "aliases": sorted(client.get_model_version(name, mv.version).aliases)}
     mv = existing[0] if existing else mlflow.register_model(_model_uri(client, run_id), name)
-    for key, value in version_tags(params, record, result, run_id).items():
+    finished = complete_version(params, record, client, mv, run_id, tags=version_tags(params, record, result, run_id),
+                                description=_description(record, run_id))
+    return {**out, "status": "registered", "name": name, **finished}
+
+
+def complete_version(params: Mapping[str, Any], record: Mapping[str, Any], client: Any, mv: Any, run_id: str, *,
+                     tags: Mapping[str, str], description: str | None = None,
+                     outcomes: Mapping[str, Any] | None = None, gate: GateSettings | None = None) -> dict[str, Any]:
+    """Finish registering the new version ``mv`` of a passed ``record``: its ``tags`` (and
+    ``description``), ``challenger`` moved to it, ``champion`` too when
+    :func:`champion_decision` says so, the decision and the completion tag on the version, the
+    run tagged ``passed`` and ``registered``. Returns ``version``, ``promoted``,
+    ``champion_decision`` and ``aliases``."""
+    name = mv.name
+    for key, value in tags.items():
         client.set_model_version_tag(name, mv.version, key, value)
-    client.update_model_version(name, mv.version, description=_description(record, run_id))
+    if description is not None:
+        client.update_model_version(name, mv.version, description=description)
     mv = client.get_model_version(name, mv.version)
     client.set_registered_model_alias(name, CHALLENGER, mv.version)
-    champion = alias_version(client, name, CHAMPION)
-    promote, why = champion_decision(params, record, mv, champion, client)
+    promote, why = champion_decision(params, record, mv, alias_version(client, name, CHAMPION), client,
+                                     outcomes=outcomes, gate=gate)
     if promote:
         client.set_registered_model_alias(name, CHAMPION, mv.version)
-    decision = ("promoted: " if promote else "kept: ") + why
-    client.set_model_version_tag(name, mv.version, f"{TAG}.champion_decision", decision)
+    client.set_model_version_tag(name, mv.version, f"{TAG}.champion_decision",
+                                 ("promoted: " if promote else "kept: ") + why)
     client.set_model_version_tag(name, mv.version, COMPLETE, "complete")
     client.set_tag(run_id, f"{TAG}.gate", "passed")
     client.set_tag(run_id, f"{TAG}.registered", f"models:/{name}/{mv.version}")
-    return {**out, "status": "registered", "name": name, "version": str(mv.version), "promoted": promote,
-            "champion_decision": why, "aliases": sorted(client.get_model_version(name, mv.version).aliases)}
+    return {"version": str(mv.version), "promoted": promote, "champion_decision": why,
+            "aliases": sorted(client.get_model_version(name, mv.version).aliases)}
 
 
 def unregistered_jobs(summary: Mapping[str, Any], jobs: Iterable[str]) -> list[str]:
