@@ -20,6 +20,7 @@ data: install
 
 run: data
 	dvc repro
+	ctharden summary
 
 flow: data
 	python flows/pipeline.py

@@ -94,7 +94,7 @@ def test_harden_pipeline_end_to_end_then_cached(harness: None, tmp_path: Path) -
         async with get_client() as client:
             return next(a.data for a in await client.read_artifacts() if a.key == "pipeline-summary")
 
-    assert "| nodule3d | passed |" in asyncio.run(summary())
+    assert "| nodule3d | baseline | PASSED |" in asyncio.run(summary())
 
     # re-run with unchanged data, params and code: cached, nothing retrained or re-registered
     state = harden_pipeline(profile="smoke", params_path=str(REPO / "params.yaml"), overrides=stage_overrides(tmp_path),

@@ -400,6 +400,15 @@ def check_cmd(
     raise typer.Exit(EXIT_CODES[rec["verdict"]])
 
 
+@app.command("summary")
+def summary_cmd() -> None:
+    """What the last pipeline run decided: per job and model the verdict, the primary criterion with
+    its bound, the clean AUC with its interval, the registry outcome and the reports (`make run` ends with it)."""
+    from ctharden.stages.summary import pipeline_summary, summary_markdown
+
+    typer.echo(summary_markdown(pipeline_summary(state.params())))
+
+
 @app.command("harden")
 def harden_cmd(
     model: Annotated[str, typer.Option(help="A trainable model: TorchScript, or a state_dict with --factory.")],

@@ -79,6 +79,8 @@ from ctharden.stages.result import (
     TuneResult,
     ValidateResult,
 )
+from ctharden.stages.summary import pipeline_summary
+from ctharden.stages.summary import summary_markdown as run_summary_markdown
 from ctharden.stages.tune import trials_markdown
 from ctharden.tracking.promotion import register_markdown
 
@@ -238,25 +240,12 @@ def _training_markdown(trained: dict[str, TrainResult]) -> str:
 
 
 def summary_markdown(result: dict[str, Any], params: dict[str, Any]) -> str:
-    """The final summary: per job the baseline's and the hardened model's gate verdicts, the chosen
-    ε and the registry outcome, with links to the reports."""
-
-    lines = [f"# ctharden pipeline (profile {params.get('profile')})", "",
-             "| job | baseline gate | tuned ε | hardened gate | registry | champion |", "|---|---|---|---|---|---|"]
-    reg = result["register"].record
-    for job in result["train"]:
-        b = result["gate_baseline"].record.get("baseline", {}).get(job)
-        h = result["gate_hardened"].record.get("hardened", {}).get(job)
-        eps = result["tune"][job].eps
-        outcome = "; ".join(f"{o['variant']}: {o['status']}" + (f" v{o['version']}" if o.get("version") else "")
-                            for o in reg["jobs"].get(job, []))
-        champ = reg["champions"].get(job) or {}
-        lines.append(f"| {job} | {'passed' if b and b['passed'] else 'FAILED'} | "
-                     f"{'n/a' if eps is None else f'{eps:.4g}'} | {'passed' if h and h['passed'] else 'FAILED'} | "
-                     f"{outcome} | {champ.get('uri') or 'none'} (v{champ.get('version')}) |")
-    lines += ["", f"Reports: {evaluation_paths(params)['reports'] / 'index.html'} (baselines), "
-              f"{evaluation_paths(params, 'hardened')['reports'] / 'index.html'} (baseline vs hardened)."]
-    return "\n".join(lines)
+    """The final summary: :func:`ctharden.stages.summary.pipeline_summary` (per job and model the
+    verdict, the primary criterion with its bound, clean AUC, registry outcome, report) and the
+    tuned training ε per job."""
+    eps = ", ".join(f"{job} {'n/a' if t.eps is None else f'{t.eps:.4g}'}" for job, t in result["tune"].items())
+    return (f"# ctharden pipeline (profile {params.get('profile')})\n\n"
+            + run_summary_markdown(pipeline_summary(params)) + f"\n\nTuned training ε: {eps}.")
 
 
 def _train_and_evaluate(params: dict[str, Any], data: dict[str, ValidateResult], code: str, runner: str
