@@ -44,6 +44,7 @@ from torch import nn
 
 from ctharden.config.robustness import RobustnessSettings
 from ctharden.core.errors import DataError
+from ctharden.core.progress import progress
 from ctharden.data.arrays import ArraySet
 from ctharden.evaluation.evidence import result_intervals
 from ctharden.evaluation.headline import NO_GRADIENTS
@@ -150,11 +151,14 @@ def _index(value: int | None) -> int:
 
 def run_units(units: Sequence[EvalUnit], models: Sequence[nn.Module], data: ArraySet, settings: RobustnessSettings,
               *, seed: int, nps: NPSModel | None = None, device: torch.device | None = None) -> list[UnitResult]:
-    """:func:`run_unit` for each unit in turn (the serial path)."""
+    """:func:`run_unit` for each unit in turn (the serial path), with a progress bar and ETA."""
     out = []
-    for i, u in enumerate(units):
-        out.append(run_unit(u, models, data, settings, seed=seed, nps=nps, device=device))
-        log.info("evaluation unit %d/%d %s: %.1f s", i + 1, len(units), u.name, out[-1].seconds)
+    name = data.info.get("name") or data.info.get("task") or "dataset"
+    with progress(len(units), f"evaluating on {name}") as advance:
+        for i, u in enumerate(units):
+            out.append(run_unit(u, models, data, settings, seed=seed, nps=nps, device=device))
+            log.info("evaluation unit %d/%d %s: %.1f s", i + 1, len(units), u.name, out[-1].seconds)
+            advance(note=f"{u.name} {out[-1].seconds:.0f} s")
     return out
 
 

@@ -36,6 +36,7 @@ from ctharden.attacks.common import NORMS, ascent_direction, attack_mode, batch_
 from ctharden.attacks.losses import AttackError, OutputAdapter, ce_loss, infer_adapter
 from ctharden.attacks.pgd import pgd
 from ctharden.core.errors import ConfigError
+from ctharden.core.progress import progress
 from ctharden.noise import sample_nps_noise
 
 PGD_ALPHA = 4.0  # ma 2020: 20-PGD with α = 4 for "adv ε" and TRADES
@@ -297,27 +298,35 @@ def fit_with(
     model.to(dev)
     opt = optimizer or torch.optim.Adam(model.parameters())
     history: list[dict[str, float]] = []
-    for epoch in range(epochs):
-        model.train()
-        sums: dict[str, float] = {}
-        n_total = 0
-        for x, y, idx in indexed_batches(loader):
-            x, y, idx = x.to(dev).float(), y.to(dev).long(), idx.to(dev).long()
-            opt.zero_grad(set_to_none=True)
-            loss, stats = method(model, x, y, idx)
-            if not torch.isfinite(loss):
-                raise AttackError(f"{method.name}: non-finite training loss at epoch {epoch}")
-            loss.backward()  # type: ignore[no-untyped-call]  # torch leaves Tensor.backward unannotated
-            opt.step()
-            for k, v in {"loss": loss.item(), **stats}.items():
-                sums[k] = sums.get(k, 0.0) + v * len(x)
-            n_total += len(x)
-        record = {"epoch": float(epoch), **{k: v / max(n_total, 1) for k, v in sums.items()}}
-        hook = getattr(method, "end_epoch", None)
-        if hook is not None:
-            record.update(hook(model, epoch))
-        history.append(record)
-        if on_epoch is not None:
-            on_epoch(epoch, record)
+    with progress(epochs, f"{method.name} fine-tuning") as advance:
+        for epoch in range(epochs):
+            history.append(_epoch(model, loader, method, opt, dev, epoch))
+            advance(note=f"loss {history[-1].get('loss', float('nan')):.4f}")
+            if on_epoch is not None:
+                on_epoch(epoch, history[-1])
     model.eval()
     return history
+
+
+def _epoch(model: nn.Module, loader: DataLoader[Any], method: BatchLoss, opt: torch.optim.Optimizer,
+           dev: torch.device, epoch: int) -> dict[str, float]:
+    """One epoch of :func:`fit_with`: the epoch's record (mean loss and statistics, hook results)."""
+    model.train()
+    sums: dict[str, float] = {}
+    n_total = 0
+    for x, y, idx in indexed_batches(loader):
+        x, y, idx = x.to(dev).float(), y.to(dev).long(), idx.to(dev).long()
+        opt.zero_grad(set_to_none=True)
+        loss, stats = method(model, x, y, idx)
+        if not torch.isfinite(loss):
+            raise AttackError(f"{method.name}: non-finite training loss at epoch {epoch}")
+        loss.backward()  # type: ignore[no-untyped-call]  # torch leaves Tensor.backward unannotated
+        opt.step()
+        for k, v in {"loss": loss.item(), **stats}.items():
+            sums[k] = sums.get(k, 0.0) + v * len(x)
+        n_total += len(x)
+    record = {"epoch": float(epoch), **{k: v / max(n_total, 1) for k, v in sums.items()}}
+    hook = getattr(method, "end_epoch", None)
+    if hook is not None:
+        record.update(hook(model, epoch))
+    return record

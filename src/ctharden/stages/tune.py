@@ -33,6 +33,7 @@ from ctharden.config.params import section
 from ctharden.config.paths import tune_paths
 from ctharden.core.errors import ConfigError
 from ctharden.core.io import atomic_write_json, atomic_write_text
+from ctharden.core.progress import progress
 from ctharden.core.seeding import derive_seed
 from ctharden.hardening.ima import suggest_eps
 from ctharden.hardening.methods import clean_scores, harden_model, hardening_data, noise_context, subset
@@ -139,7 +140,9 @@ def tune_job(params: dict[str, Any], job: str, *, log_mlflow: bool = True) -> di
                      s["robust_accuracy"], s["clean_auc"])
             return s["robust_accuracy"]
 
-        study.optimize(objective, n_trials=ts.n_trials)
+        with progress(ts.n_trials, f"tuning {job}'s ε") as advance:
+            study.optimize(objective, n_trials=ts.n_trials,
+                           callbacks=[lambda _study, trial: advance(note=f"trial {trial.number} done")])
         best, feasible = _choose(trials)
         result = {
             "job": job, "method": hs.method, "norm": hs.norm, "eps": best["eps"], "feasible": feasible,
