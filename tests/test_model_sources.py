@@ -18,7 +18,7 @@ from ctharden.config.schema import ModelContract, validate_section
 from ctharden.core.errors import ConfigError, DataError
 from ctharden.models.dry_run import dry_run
 from ctharden.models.external import ExternalClassifier
-from ctharden.models.sources import archive_kind, load_any
+from ctharden.models.sources import BUNDLE_FILE, archive_kind, load_any, write_bundle
 
 SIDE = 16
 
@@ -175,6 +175,24 @@ def test_state_dict_with_a_factory_needs_trust_code(plain: nn.Module, data: tupl
         load_any(weights, contract(ZSCORE), factory="team_models:nope", trust_code=True)
     with pytest.raises(DataError, match="state_dict without the network"):
         load_any(weights, contract(ZSCORE))
+
+
+def test_a_bundle_brings_its_own_contract(plain: nn.Module, data: tuple[Tensor, Tensor], tmp_path: Path) -> None:
+    """write_bundle (what check --register logs): the model file and its contract in one directory
+    that load_any loads without a contract; a bundle index pointing outside itself is refused."""
+    x, _ = data
+    ts = tmp_path / "net.ts"
+    torch.jit.save(torch.jit.script(plain), str(ts))
+    spec = tmp_path / "contract.yaml"
+    spec.write_text(__import__("yaml").safe_dump(ZSCORE))
+    bundle = write_bundle(ts, tmp_path / "bundle", contract_file=spec)
+    assert sorted(p.name for p in bundle.iterdir()) == sorted([BUNDLE_FILE, "contract.yaml", "net.ts"])
+    model = load_any(bundle)
+    assert model.source == "torchscript" and model.contract == contract(ZSCORE)
+    _same_logits(model, ExternalClassifier(plain, contract(ZSCORE), "memory"), x)
+    (bundle / BUNDLE_FILE).write_text("file: ../net.ts\n")
+    with pytest.raises(DataError, match="not a model file inside the bundle"):
+        load_any(bundle)
 
 
 def test_a_pickled_module_is_refused_with_how_to_export(plain: nn.Module, tmp_path: Path) -> None:

@@ -233,8 +233,10 @@ def load_any(
         contract = load_contract(root / CONTRACT_FILE)
     if root is not None and (root / BUNDLE_FILE).is_file():
         spec = yaml.safe_load((root / BUNDLE_FILE).read_text()) or {}
-        return load_any(root / str(spec.get("file")), contract, factory=factory or spec.get("factory"),
-                        trust_code=trust_code)
+        name = str(spec.get("file"))
+        if Path(name).name != name or not (root / name).is_file():
+            raise DataError(f"{ref}: {BUNDLE_FILE} names {name!r}, not a model file inside the bundle")
+        return load_any(root / name, contract, factory=factory or spec.get("factory"), trust_code=trust_code)
     is_mlflow = root is not None and (text.startswith(MLFLOW_PREFIXES) or (root / "MLmodel").is_file())
     if not is_mlflow and not path.exists():
         raise DataError(f"{ref}: no such model file or directory, and not a runs:/ or models:/ URI")
