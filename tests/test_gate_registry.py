@@ -339,7 +339,7 @@ def test_failed_gate_registers_nothing(registry_params: dict[str, Any], tmp_path
     assert r.returncode == 0, r.stderr
     row = next(line for line in r.stdout.splitlines() if line.startswith("| nodule3d | baseline |"))
     assert "| FAILED |" in row and "robust_linf_acc_eps0.005 0.781 (312/400), bound ≥ 0.7432 vs >= 0.7" in row, row
-    assert "optimized_san_mas500, robust_l2_acc_eps1 |" in row
+    assert "FAIL optimized_san_mas500, FAIL robust_l2_acc_eps1 |" in row
     assert "| not registered |" in row and "Reports: " in r.stdout
 
 

@@ -46,7 +46,8 @@ def _primary(rec: Mapping[str, Any]) -> str:
 
 def pipeline_summary(params: Mapping[str, Any]) -> list[dict[str, Any]]:
     """One row per gated model: ``job``, ``model`` (variant), ``verdict``, ``primary``,
-    ``clean_auc``, ``open`` (failed and inconclusive criteria), ``registry``, ``report``."""
+    ``clean_auc``, ``open`` (``FAIL <criterion>`` and ``inconclusive <criterion>``), ``registry``,
+    ``report``."""
     path = gate_path(params)
     if not path.is_file():
         raise DataError(f"{path} not found: run the pipeline (`dvc repro`) or `ctharden gate` first")
@@ -63,7 +64,8 @@ def pipeline_summary(params: Mapping[str, Any]) -> list[dict[str, Any]]:
         for job, rec in records.items():
             evidence = ((results.get(job) or {}).get("intervals") or {}).get(CLEAN_TEST_AUC)
             auc = "n/a" if not evidence else f"{evidence['point']:.3f}{ci_text(evidence)}"
-            open_ = [*rec.get("failed", []), *rec.get("inconclusive", [])]
+            open_ = [*(f"FAIL {n}" for n in rec.get("failed", [])),
+                     *(f"inconclusive {n}" for n in rec.get("inconclusive", []))]
             rows.append({"job": job, "model": variant, "verdict": verdict_of(rec), "primary": _primary(rec),
                          "clean_auc": auc, "open": open_, "registry": _registry(register, job, variant),
                          "report": str(paths["reports"] / "index.html")})
