@@ -92,6 +92,16 @@ def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def tree_sha256(root: str | os.PathLike[str], pattern: str = "*") -> str:
+    """SHA-256 over the files below ``root`` matching ``pattern`` (sorted; each file's relative
+    POSIX path, a NUL byte and its bytes): a directory's content, names included."""
+    root = Path(root)
+    h = hashlib.sha256()
+    for f in sorted(p for p in root.rglob(pattern) if p.is_file()):
+        h.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()
+
+
 def load_json(path: str | os.PathLike[str]) -> Any:
     """Read a JSON file written by a stage (metrics, records)."""
     return json.loads(Path(path).read_text())

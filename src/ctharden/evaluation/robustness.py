@@ -33,7 +33,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -252,6 +252,13 @@ def pgd_samples(data: ArraySet, settings: RobustnessSettings, seed: int) -> np.n
     return picked
 
 
+def survival(broken: Mapping[float, Tensor], values: Sequence[float]) -> tuple[list[float], list[int]]:
+    """Per ε of ``values``: the share of samples that survived (0 for no samples) and their count,
+    from ``broken[ε]`` bool ``(N,)``."""
+    accuracy = [1.0 - float(broken[e].float().mean()) if broken[e].numel() else 0.0 for e in values]
+    return accuracy, [int((~broken[e]).sum()) for e in values]
+
+
 def ensemble_block(model: nn.Module, x: Tensor, y: Tensor, eps: Sequence[float], settings: RobustnessSettings,
                    norm: str, report: SanityReport, clean_broken: Tensor, *,
                    seed: int) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -276,16 +283,15 @@ def ensemble_block(model: nn.Module, x: Tensor, y: Tensor, eps: Sequence[float],
     seconds = time.perf_counter() - t0
     report.checks.append(check_gradient_masking(runs))
     broken = {0.0: clean_broken, **{e: runs[e].broken.cpu() for e in at}}
-    n = int(x.shape[0])
     members = [a for a in ENSEMBLE_ATTACKS if a in p.attacks]
     values = [0.0, *at]
-    accuracy = [1.0 - float(broken[e].float().mean()) if n else 0.0 for e in values]
+    accuracy, survived = survival(broken, values)
     every_eps = list(at) == list(eps)
     block = {
         "eps": values, "scope": "all" if every_eps else "gated",
         "attacks": members, "square_queries": p.square_queries if "square" in members else None,
         "accuracy": accuracy,
-        "survived": [int((~broken[e]).sum()) for e in values],
+        "survived": survived,
         "per_attack": {a: {"attacked": [int(runs[e].attacked[a].sum()) for e in at],
                            "broken": [int(runs[e].broken_by[a].sum()) for e in at]} for a in members},
         "masked": [int(runs[e].masking.sum()) for e in at],
@@ -358,11 +364,10 @@ def blackbox_norm_run(
                           autocast=False, generator=g)
     broken = {0.0: predict_broken(model, x, y).cpu(), **{e: runs[e].broken.cpu() for e in at}}
     values = [0.0, *at]
-    n = int(len(sub))
+    accuracy, survived = survival(broken, values)
     return {
-        "eps": values, "eps_hu": _eps_hu(model, values, settings),
-        "accuracy": [1.0 - float(broken[e].float().mean()) if n else 0.0 for e in values],
-        "survived": [int((~broken[e]).sum()) for e in values], "n": n, "attacks": ["square"],
+        "eps": values, "eps_hu": _eps_hu(model, values, settings), "accuracy": accuracy,
+        "survived": survived, "n": int(len(sub)), "attacks": ["square"],
         "square_queries": p.square_queries, "seconds": round(time.perf_counter() - t0, 2), "bound": "upper",
         OUTCOMES: {"ids": [data.sample_ids[int(i)] for i in sub],
                    "broken": {f"{e:g}": broken[e].tolist() for e in values}},

@@ -153,8 +153,7 @@ def run_units(units: Sequence[EvalUnit], models: Sequence[nn.Module], data: Arra
               *, seed: int, nps: NPSModel | None = None, device: torch.device | None = None) -> list[UnitResult]:
     """:func:`run_unit` for each unit in turn (the serial path), with a progress bar and ETA."""
     out = []
-    name = data.info.get("name") or data.info.get("task") or "dataset"
-    with progress(len(units), f"evaluating on {name}") as advance:
+    with progress(len(units), f"evaluating {data.info.get('task', 'dataset')}") as advance:
         for i, u in enumerate(units):
             out.append(run_unit(u, models, data, settings, seed=seed, nps=nps, device=device))
             log.info("evaluation unit %d/%d %s: %.1f s", i + 1, len(units), u.name, out[-1].seconds)

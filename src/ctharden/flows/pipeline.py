@@ -32,7 +32,6 @@ validation of every dataset and fails if any dataset is invalid, before anything
 from __future__ import annotations
 
 import argparse
-import hashlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -54,7 +53,7 @@ from ctharden.config.paths import (
     validation_dir,
 )
 from ctharden.core.errors import DataError, GateFailed, ValidationFailed
-from ctharden.core.io import load_json
+from ctharden.core.io import load_json, tree_sha256
 from ctharden.flows.fanout import evaluate_fanout, task_runner, train_fanout
 from ctharden.flows.retry import transient
 from ctharden.gate.criteria import gate_markdown, reasons
@@ -89,11 +88,7 @@ CACHE = INPUTS + TASK_SOURCE
 
 def code_fingerprint() -> str:
     """SHA-256 of the package's source files: a code change invalidates every cached stage."""
-    root = Path(__file__).resolve().parents[1]  # the ctharden package directory
-    h = hashlib.sha256()
-    for f in sorted(root.rglob("*.py")):
-        h.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes())
-    return h.hexdigest()
+    return tree_sha256(Path(__file__).resolve().parents[1], "*.py")  # the ctharden package directory
 
 
 def source_fingerprint(params: dict[str, Any], name: str) -> str:
@@ -102,10 +97,7 @@ def source_fingerprint(params: dict[str, Any], name: str) -> str:
     root = Path(spec.get("root", "")) if spec.get("root") else None
     if root is None or not root.exists():
         return ""
-    h = hashlib.sha256()
-    for f in sorted(p for p in root.rglob("*") if p.is_file()):
-        h.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes())
-    return h.hexdigest()
+    return tree_sha256(root)
 
 
 def fresh(task_: Any, *outputs: Path | str) -> Any:

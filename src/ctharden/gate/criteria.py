@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ctharden.config import choices
@@ -273,8 +273,7 @@ def decide_black_box(c: Criterion, headline: Mapping[str, float], evidence: Mapp
         metric = blackbox_accuracy_name(c.norm, c.eps)
         raw = headline.get(metric)
         if raw is not None:
-            upper_only = Criterion(c.name, metric, c.op, c.threshold, c.kind, c.description, c.norm, c.eps)
-            row = decide_criterion(upper_only, float(raw), evidence.get(metric), settings)
+            row = decide_criterion(replace(c, metric=metric), float(raw), evidence.get(metric), settings)
             if row["decision"] == "fail":
                 return row
             return {**row, "decision": "inconclusive", "passed": False, "samples_to_decide": None,

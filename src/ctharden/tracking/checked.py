@@ -28,7 +28,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from ctharden.core.io import atomic_write_json, sha256_file
+from ctharden.core.io import atomic_write_json, sha256_file, tree_sha256
 from ctharden.gate.criteria import VERDICT_WORD, gate_settings, reasons, verdict_of
 from ctharden.models.sources import write_bundle
 from ctharden.tracking.promotion import COMPLETE, TAG, complete_version, version_tags
@@ -38,19 +38,14 @@ VARIANT = "external"
 
 
 def model_sha256(ref: str) -> str:
-    """The sha256 of a model file, or of a model directory's files (names and contents, sorted);
+    """The sha256 of a model file, or of a model directory's files (:func:`~ctharden.core.io.tree_sha256`);
     for a ``runs:/``/``models:/`` URI, of the URI itself (the store keeps that version fixed)."""
     path = Path(ref)
     if path.is_file():
         return sha256_file(path)
-    h = hashlib.sha256()
     if path.is_dir():
-        for f in sorted(p for p in path.rglob("*") if p.is_file()):
-            h.update(str(f.relative_to(path)).encode())
-            h.update(sha256_file(f).encode())
-    else:
-        h.update(ref.encode())
-    return h.hexdigest()
+        return tree_sha256(path)
+    return hashlib.sha256(ref.encode()).hexdigest()
 
 
 def _check_tracking(params: Mapping[str, Any]) -> Tracking:
@@ -92,7 +87,7 @@ def register_checked(params: Mapping[str, Any], record: Mapping[str, Any], resul
         run_id = run.info.run_id
         mlflow.log_params({"model": ref[:500], "policy": policy, "source": record["model"].get("arch", "?"),
                            "dataset": record["dataset"]["dir"][:500]})
-        mlflow.log_metrics({k: v for k, v in (result.get("headline") or {}).items()})
+        mlflow.log_metrics(dict(result.get("headline") or {}))
         for f in ("index.html", "gate.json", "robustness.json"):
             if (out_dir / f).is_file():
                 mlflow.log_artifact(str(out_dir / f), "robustness")

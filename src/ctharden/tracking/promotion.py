@@ -106,7 +106,10 @@ def _model_uri(client: Any, run_id: str) -> str:
 
 
 def version_tags(params: Mapping[str, Any], record: Mapping[str, Any], result: Mapping[str, Any],
-                  run_id: str) -> dict[str, str]:
+                 run_id: str) -> dict[str, str]:
+    """The tags of a registered version of a passed gate ``record`` (its evaluation ``result``,
+    logged in ``run_id``): verdict, job, variant, dataset and data version, git sha, params hash,
+    model sha256, primary criterion, clean AUC, report links, and every criterion with its bound."""
     data = data_version(params)
     code = code_version()
     tags = {
